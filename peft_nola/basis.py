@@ -1,0 +1,129 @@
+"""Seeded pseudo-random basis matrices that regenerate bit-identically anywhere.
+
+NOLA stores an adapter as a seed plus coefficients, so the basis must come back exactly the same on CPU and CUDA, at
+any thread count, in any process and with any torch release. torch's own seeded RNGs do not promise that (their
+algorithms differ between devices and versions), which is why PEFT's VeRA stores its random matrices by default.
+Here every number is a pure function of ``(seed, stream name, index)``:
+
+* ``(seed, stream)`` is hashed with SHA-256 (Python's hashlib, identical everywhere) into three 32-bit keys;
+* each element index is mixed with the keys through three rounds of a 32-bit integer hash ("lowbias32",
+  C. Wellons), computed with int64 torch ops whose intermediate values never exceed 2**49, so there is no overflow
+  and nothing depends on the device;
+* the top 24 bits become the odd integer ``2u + 1 - 2**24``, which times ``2**-24`` is an exactly representable
+  float32 in (-1, 1): the distribution is uniform on (-1, 1), symmetric, mean 0, variance 1/3.
+
+A basis for ``num_basis`` matrices of ``numel`` elements each is the ``(num_basis, numel)`` float32 tensor of
+elements ``index = row * numel + col`` multiplied by ``1 / sqrt(num_basis)`` (one correctly rounded float32
+multiply), the scale used by the NOLA authors' code. Any block of rows can be generated on its own and equals the
+same rows of the whole basis bit for bit, which is what chunked on-the-fly generation relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+
+#: Part of every key: changing the algorithm must change this, so old adapters fail their fingerprint check loudly.
+GENERATOR_VERSION = "peft-nola-basis-v1"
+
+_MASK32 = 0xFFFFFFFF
+_MIX_CONSTANTS = (0x7FEB352D, 0x846CA68B)
+
+
+def _stream_keys(seed: int, stream: str) -> tuple[int, int, int]:
+    digest = hashlib.sha256(f"{GENERATOR_VERSION}|{int(seed)}|{stream}".encode()).digest()
+    return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(3))
+
+
+def _mul32_(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """In place: ``x = (x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32); no intermediate exceeds 2**49."""
+    high_part = x * (constant >> 16)
+    high_part &= 0xFFFF
+    high_part <<= 16
+    x *= constant & 0xFFFF
+    x += high_part
+    x &= _MASK32
+    return x
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In place: the lowbias32 integer hash of each element (a bijection of [0, 2**32))."""
+    x ^= x >> 16
+    _mul32_(x, _MIX_CONSTANTS[0])
+    x ^= x >> 15
+    _mul32_(x, _MIX_CONSTANTS[1])
+    x ^= x >> 16
+    return x
+
+
+def uniform_stream(
+    seed: int, stream: str, start: int, count: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of the stream ``(seed, stream)``.
+
+    Returns:
+        float32 tensor of shape ``(count,)``, uniform on (-1, 1), on ``device``.
+    """
+    if start < 0 or count < 0 or start + count > 2**62:
+        raise ValueError(f"stream indices must lie in [0, 2**62), got start={start}, count={count}")
+    key0, key1, key2 = _stream_keys(seed, stream)
+    # In-place int64 ops throughout: generation is memory-bound, and this is 3x faster than out-of-place.
+    h = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    high_word = h >> 32
+    high_word += key1
+    high_word &= _MASK32
+    h &= _MASK32
+    h ^= key0
+    _mix32_(h)
+    h ^= high_word
+    del high_word
+    _mix32_(h)
+    h ^= key2
+    _mix32_(h)
+    h >>= 8
+    h *= 2
+    h += 1 - 2**24  # odd integers in [-(2**24 - 1), 2**24 - 1]: exact in float32
+    return h.to(torch.float32).mul_(2.0**-24)
+
+
+def basis_rows(
+    seed: int,
+    stream: str,
+    num_basis: int,
+    numel: int,
+    row_start: int = 0,
+    row_end: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Rows ``row_start:row_end`` of the ``(num_basis, numel)`` basis of stream ``(seed, stream)``.
+
+    Each row is one basis matrix, flattened. Values are uniform on (-1, 1) times ``1 / sqrt(num_basis)``.
+
+    Returns:
+        float32 tensor of shape ``(row_end - row_start, numel)``.
+    """
+    row_end = num_basis if row_end is None else row_end
+    if not 0 <= row_start <= row_end <= num_basis:
+        raise ValueError(f"rows {row_start}:{row_end} are outside a basis of {num_basis} matrices")
+    values = uniform_stream(seed, stream, row_start * numel, (row_end - row_start) * numel, device=device)
+    scale = torch.tensor(1.0 / math.sqrt(num_basis), dtype=torch.float32, device=values.device)
+    return (values * scale).view(row_end - row_start, numel)
+
+
+def generator_fingerprint(seed: int) -> str:
+    """A short hash of a probe of the generator's output for ``seed``.
+
+    Equal on every machine whose torch integer arithmetic behaves as specified; a mismatch on load means the basis
+    would not be the one the adapter was trained with.
+    """
+    probe = uniform_stream(seed, "fingerprint-probe", 0, 4096, device="cpu")
+    return hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]
+
+
+def layout_fingerprint(entries: list) -> str:
+    """A short hash of the adapted layers' layout (names, shapes, slices), JSON-serialisable ``entries``."""
+    text = json.dumps(sorted(entries), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,450 @@
+"""The mechanism NOLA and NoRA share: a frozen base layer plus, per adapter, ``scale * up @ down`` updates.
+
+A method subclasses :class:`LowRankLayer` and only says how its factors are built and which tensors train
+(:meth:`LowRankLayer._create_adapter`, :meth:`LowRankLayer._factors`); it subclasses :class:`LowRankTuner` and only
+says which layer class to build. Everything else lives here once: wrapping ``nn.Linear``, GPT-2's ``Conv1D``,
+``nn.Conv2d`` and bitsandbytes 8-bit/4-bit layers; adapting chosen slices of a fused output (the q and v thirds of
+GPT-2's ``c_attn``); merge/unmerge; mixed-adapter batches; dtype handling.
+
+Shapes. Every supported layer is viewed as a weight matrix ``W`` of shape ``(rows, cols)`` acting as ``y = W x``:
+``(out_features, in_features)`` for linear layers (GPT-2's ``Conv1D`` stores the transpose, which merging accounts
+for) and ``(out_channels * kh, in_channels / groups * kw)`` for ``Conv2d``, whose kernel is the reshaped matrix
+(near-square, as in the LoRA and NOLA papers' convolution adapters). An output split into ``splits`` equal blocks
+can be adapted on a subset ``adapt`` of them; each adapted block ``s`` has its own factors
+``down[s]: (r, cols)`` and ``up[s]: (rows / splits, r)`` and its update is ``scale * up[s] @ down[s]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, resolve_quantization_backend
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+#: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
+GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
+
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d, bitsandbytes Linear8bitLt / Linear4bit"
+
+
+def require_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ``ValueError`` naming the config field unless ``value`` is an integer >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def require_probability(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+@dataclass
+class LowRankConfig(PeftConfig):
+    """Fields every low-rank method here shares; see :class:`peft_nola.NolaConfig` for their meaning."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (or dotted suffixes) of the modules to adapt, a regex matched against the full name, or "
+            "'all-linear'. For example ['q_proj', 'v_proj'] or ['c_attn']. Default: peft's LoRA defaults per model type."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules not to adapt."}
+    )
+    output_slices: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Adapt only some equal blocks of a fused output, each with its own adapter, e.g. "
+            "{'c_attn': {'splits': 3, 'adapt': [0, 2]}} for the query and value parts of GPT-2's c_attn (the "
+            "papers' 'QV' rows). Keys are module names or dotted suffixes."
+        },
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={
+            "help": "True if the adapted layers store their weight as (fan_in, fan_out), like GPT-2's Conv1D. Each "
+            "layer's own layout is detected and used; a mismatch only warns."
+        },
+    )
+    bias: str = field(
+        default="none", metadata={"help": "Which biases train: 'none', 'all', or '<method>_only' (adapted layers)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapted ones that are fully trained and saved (e.g. a new head)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapted model starts equal to the base model. False: a random non-zero update "
+            "(for tests)."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices (see layers_pattern)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the ModuleList holding the layers, e.g. 'layers' or 'h' (with layers_to_transform)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        validate_output_slices(self.output_slices)
+        allowed_bias = ("none", "all", f"{PeftType(self.peft_type).value.lower()}_only")
+        if self.bias not in allowed_bias:
+            raise ValueError(f"bias must be one of {allowed_bias}, got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is set but layers_to_transform is not: set both or neither")
+
+
+def validate_output_slices(output_slices: Optional[dict]) -> None:
+    """Raise ``ValueError`` unless ``output_slices`` maps module-name suffixes to ``{"splits": n, "adapt": [...]}``."""
+    if output_slices is None:
+        return
+    if not isinstance(output_slices, dict):
+        raise ValueError(
+            f"output_slices must be a dict like {{'c_attn': {{'splits': 3, 'adapt': [0, 2]}}}}, got {output_slices!r}"
+        )
+    for name, spec in output_slices.items():
+        if not isinstance(spec, dict) or set(spec) != {"splits", "adapt"}:
+            raise ValueError(
+                f"output_slices[{name!r}] must be a dict with exactly the keys 'splits' and 'adapt', got {spec!r}"
+            )
+        splits, adapt = spec["splits"], spec["adapt"]
+        if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+            raise ValueError(f"output_slices[{name!r}]['splits'] must be an integer >= 1, got {splits!r}")
+        if (
+            not isinstance(adapt, (list, tuple))
+            or not adapt
+            or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < splits for i in adapt)
+            or len(set(adapt)) != len(adapt)
+        ):
+            raise ValueError(
+                f"output_slices[{name!r}]['adapt'] must be a non-empty list of distinct block indices in "
+                f"0..{splits - 1}, got {adapt!r}"
+            )
+
+
+def resolve_slices(output_slices: Optional[dict], module_key: str) -> tuple[int, tuple[int, ...]]:
+    """``(splits, adapt)`` for the module ``module_key``: the first ``output_slices`` entry whose name is the key or a
+    dotted suffix of it, else the whole output ``(1, (0,))``."""
+    for name, spec in (output_slices or {}).items():
+        if module_key == name or module_key.endswith("." + name):
+            return spec["splits"], tuple(sorted(spec["adapt"]))
+    return 1, (0,)
+
+
+def matrix_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """``(rows, cols)`` of the weight matrix a supported layer is viewed as (see the module docstring)."""
+    if isinstance(base_layer, nn.Conv2d):
+        kh, kw = base_layer.kernel_size
+        return base_layer.out_channels * kh, base_layer.in_channels // base_layer.groups * kw
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return out_features, in_features
+    return base_layer.out_features, base_layer.in_features
+
+
+def is_supported(base_layer: nn.Module) -> bool:
+    if isinstance(base_layer, (nn.Linear, Conv1D, nn.Conv2d)):
+        return True
+    backend = resolve_quantization_backend(base_layer)
+    return backend is not None and getattr(backend, "backend_name", "") in ("bnb 8bit", "bnb 4bit")
+
+
+class LowRankLayer(nn.Module, BaseTunerLayer):
+    """A frozen base layer plus, per adapter, ``scale * up @ down`` on the adapted output blocks.
+
+    Subclasses set ``adapter_layer_names`` (the trainable containers) and ``other_param_names`` (which must include
+    ``"scaling"``, ``"output_slices"``, ``"adapter_dropout"``), and implement ``_create_adapter`` and ``_factors``.
+    """
+
+    method_name = "low-rank"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PeftConfig, module_key: str, **kwargs):
+        super().__init__()
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.module_key = module_key
+        self.rows, self.cols = matrix_shape(self.get_base_layer())
+        self.is_conv2d = isinstance(self.get_base_layer(), nn.Conv2d)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.scaling: dict[str, float] = {}
+        self.output_slices: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.adapter_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self._active_adapter = adapter_name
+        self._init_adapter_containers()
+        self.update_layer(adapter_name, config, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- method hooks
+    def _init_adapter_containers(self) -> None:
+        """Create the (empty) per-adapter containers named in ``adapter_layer_names`` / ``other_param_names``."""
+        raise NotImplementedError
+
+    def _create_adapter(self, adapter_name: str, config: PeftConfig, block_shape: tuple[int, int], **kwargs) -> None:
+        """Create the adapter's tensors; ``block_shape`` is ``(rows / splits, cols)`` of each adapted block."""
+        raise NotImplementedError
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``down (S, r, cols)`` and ``up (S, rows / splits, r)`` for the S adapted blocks, with autograd."""
+        raise NotImplementedError
+
+    def _rank_and_scale(self, config: PeftConfig) -> tuple[int, float, float]:
+        """``(r, scale, dropout probability)`` of an adapter from its config."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------------------- set-up
+    def update_layer(self, adapter_name: str, config: PeftConfig, inference_mode: bool = False, **kwargs) -> None:
+        splits, adapt = resolve_slices(config.output_slices, self.module_key)
+        if self.rows % splits:
+            raise ValueError(
+                f"output_slices splits '{self.module_key}' into {splits} blocks, but its output size {self.rows} is "
+                f"not divisible by {splits}"
+            )
+        if splits > 1 and self.is_conv2d:
+            raise ValueError(f"output_slices cannot be used on the Conv2d layer '{self.module_key}'")
+        r, scale, dropout = self._rank_and_scale(config)
+        self.output_slices[adapter_name] = (splits, adapt)
+        self.scaling[adapter_name] = scale
+        self.adapter_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self._create_adapter(adapter_name, config, (self.rows // splits, self.cols), **kwargs)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # ---------------------------------------------------------------------------------------------------- math
+    def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's contribution to the layer's output for input ``x``, in the adapter's dtype."""
+        down, up = self._factors(adapter_name)
+        x = self.adapter_dropout[adapter_name](self._cast_input_dtype(x, down.dtype))
+        scale = self.scaling[adapter_name]
+        if self.is_conv2d:
+            return self.get_base_layer()._conv_forward(x, self._conv_kernel(down, up) * scale, None)
+        num_blocks, r, _ = down.shape
+        hidden = F.linear(x, down.reshape(num_blocks * r, self.cols))  # (..., S * r)
+        splits, adapt = self.output_slices[adapter_name]
+        if splits == 1:
+            return F.linear(hidden, up[0]) * scale
+        blocks = torch.einsum("...sr,snr->...sn", hidden.unflatten(-1, (num_blocks, r)), up) * scale
+        return self._place_blocks(blocks, splits, adapt, dim=-2).flatten(-2)
+
+    @staticmethod
+    def _place_blocks(blocks: torch.Tensor, splits: int, adapt: tuple[int, ...], dim: int) -> torch.Tensor:
+        """Scatter the adapted blocks into a zero tensor with ``splits`` blocks along ``dim``."""
+        shape = list(blocks.shape)
+        shape[dim] = splits
+        index = torch.tensor(adapt, device=blocks.device)
+        return blocks.new_zeros(shape).index_copy(dim, index, blocks)
+
+    def _conv_kernel(self, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return (up[0] @ down[0]).view(self.get_base_layer().weight.shape)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's weight update, shaped and laid out like the base layer's weight."""
+        with torch.no_grad():
+            down, up = self._factors(adapter_name)
+        scale = self.scaling[adapter_name]
+        if self.is_conv2d:
+            return self._conv_kernel(down, up) * scale
+        splits, adapt = self.output_slices[adapter_name]
+        delta = self._place_blocks(torch.bmm(up, down) * scale, splits, adapt, dim=0).reshape(self.rows, self.cols)
+        return delta.T if self.fan_in_fan_out else delta
+
+    # ------------------------------------------------------------------------------------------- merge/unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or the named) adapters' updates into the base weight.
+
+        With ``safe_merge`` the sum is formed in a copy and checked for NaN/Inf before it replaces the weight.
+        """
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            if adapter_name not in self.scaling:
+                continue
+            weight = self.get_base_weight()
+            if safe_merge:
+                weight = weight.clone()
+            weight += self.get_delta_weight(adapter_name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs or Infs in the merged weights of '{self.module_key}': adapter {adapter_name!r}")
+            self.set_base_weight(weight)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's update from the base weight, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            weight = self.get_base_weight()
+            weight -= self.get_delta_weight(adapter_name).to(weight.dtype)
+            self.set_base_weight(weight)
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.scaling:
+                result = result + self._delta_output(x, adapter_name).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        if self.merged:
+            raise ValueError("Mixed-adapter batches need unmerged adapters: call unmerge_adapter() first.")
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name not in self.scaling:
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+            result[rows] += self._delta_output(x[rows], adapter_name).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{self.method_name}." + super().__repr__()
+
+
+def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class LowRankTuner(BaseTuner):
+    """The model-level half of the shared mechanism: which modules get which wrapper, and mixed-batch hooks.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls`` and ``method_name``.
+    """
+
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    method_name = "low-rank"
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            target_modules = self.target_module_mapping.get(model_config.get("model_type"))
+            if target_modules is None:
+                raise ValueError(
+                    f"target_modules is not set and there is no default for model type "
+                    f"{model_config.get('model_type')!r}: pass target_modules, e.g. ['q_proj', 'v_proj']"
+                )
+            peft_config.target_modules = set(target_modules)
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        # Everything that can be checked is checked before the first module is replaced, so that a bad config or
+        # an adapter made for another model leaves the user's model untouched.
+        peft_config = self.peft_config[adapter_name]
+        if kwargs.get("state_dict") is None:
+            self._check_targets(peft_config, self._targeted_modules(model, peft_config))
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
+        """Validate the matched ``(key, base layer)`` pairs before injection; methods extend this."""
+        for key, base_layer in targets:
+            if not is_supported(base_layer):
+                raise TypeError(
+                    f"{self.method_name} cannot adapt module '{key}' of type {type(base_layer).__name__}. "
+                    f"Supported layer types: {SUPPORTED_LAYERS}. Remove it from target_modules."
+                )
+
+    def _targeted_modules(self, model: nn.Module, peft_config: PeftConfig) -> list[tuple[str, nn.Module]]:
+        """The ``(key, base layer)`` pairs ``peft_config`` will adapt, found with peft's own matcher."""
+        peft_config = self._prepare_adapter_config(peft_config, self.get_model_config(model))
+        peft_config = _maybe_include_all_linear_layers(peft_config, model)
+        targets = []
+        wrapper_prefixes = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(p) for p in wrapper_prefixes):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                wrapper_prefixes.append(key + ".")
+            match = self._check_target_module_exists(peft_config, key)
+            if match and not isinstance(match, _ExcludedModule):
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                targets.append((key, base))
+        return targets
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config, **self._layer_kwargs(adapter_name, current_key))
+            return
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base_layer, Conv1D) != bool(peft_config.fan_in_fan_out):
+            # Each layer knows its own weight layout; the config flag only documents it, as in peft's LoRA.
+            warnings.warn(
+                f"fan_in_fan_out={peft_config.fan_in_fan_out} does not match '{current_key}' "
+                f"({type(base_layer).__name__}); using the layer's own weight layout."
+            )
+        new_module = self.tuner_layer_cls(
+            target, adapter_name, peft_config, module_key=current_key, **self._layer_kwargs(adapter_name, current_key)
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
+        """Extra keyword arguments the method's layer needs (e.g. a shared basis store)."""
+        return {}
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Route ``adapter_names=[...]`` from ``forward``/``generate`` to every adapted layer (mixed batches)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set(self.peft_config)
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter name(s) in adapter_names: {unknown}; loaded adapters: {sorted(known)}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = [
+            module.register_forward_pre_hook(
+                partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names), with_kwargs=True
+            )
+            for module in self.modules()
+            if isinstance(module, (LowRankLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+

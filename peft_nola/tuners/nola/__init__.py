@@ -1,0 +1,5 @@
+from .config import NolaConfig
+from .layer import NolaLayer
+from .model import NolaModel
+
+__all__ = ["NolaConfig", "NolaLayer", "NolaModel"]
