@@ -1,0 +1,73 @@
+"""Tiny models built from configs (no download) and paths shared by the tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the repository, or ``$PEFT_NOLA_DATA_DIR``."""
+    return Path(os.environ.get("PEFT_NOLA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def tiny_gpt2(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=n_embd, n_layer=2, n_head=2, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=5,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(12, 20)
+        self.lin1 = nn.Linear(20, 6)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv1(torch.relu(self.conv0(x)))).flatten(1))
+
+
+def seeded(module_cls, seed: int = 0):
+    torch.manual_seed(seed)
+    return module_cls().eval()
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(1))
