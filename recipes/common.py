@@ -74,6 +74,9 @@ class AdapterArgs:
     num_basis_B: int = 1000
     nola_alpha: float = 1.0
     basis_seed: int = 0
+    # NOLA basis storage: "shared" (one basis per shape, fastest), "per_layer" (paper's main setting, regenerated
+    # each step), "per_layer_cached" (paper's setting kept in memory). See peft_nola.NolaConfig.
+    basis_mode: str = "shared"
     # LoRA: scaling numerator (scale = lora_alpha / r).
     lora_alpha: float = 32.0
     # Dropout on the adapter input (NOLA and LoRA).
@@ -402,6 +405,7 @@ def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM
             num_basis_B=args.num_basis_B,
             nola_alpha=args.nola_alpha,
             basis_seed=args.basis_seed,
+            basis_mode=args.basis_mode,
             nola_dropout=args.adapter_dropout,
             target_modules=list(args.target_modules),
             fan_in_fan_out=fan_in_fan_out,

@@ -1,0 +1,452 @@
+"""Data-to-text generation (E2E NLG, DART, WebNLG) with NOLA, LoRA or full fine-tuning: the GPT-2 rows of the NOLA paper.
+
+    python -m recipes.nlg --config configs/e2e/gpt2m_nola_qv_k1000.yaml [--key value ...]
+
+Trains with ``transformers.Trainer`` (so ``accelerate launch`` / ``torchrun`` and ``--resume_from_checkpoint`` work),
+decodes the test inputs, scores them against all references of each input, and writes ``results.json``,
+``results.md`` (a row in the paper's table format), ``predictions.jsonl`` and the adapter into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from recipes.common import (
+    AdapterArgs,
+    ModelArgs,
+    RecipeError,
+    apply_method,
+    config_to_dict,
+    count_trainable_parameters,
+    default_data_root,
+    load_config,
+    load_model_and_tokenizer,
+    markdown_table,
+    peak_memory_bytes,
+    resolve_path,
+    run_cli,
+    save_adapter,
+    write_results,
+)
+from recipes.nlg_data import DATASETS, DEFAULT_FILES, DataFileError, NLGExample, load_hub_split, read_split, subsample
+from recipes.nlg_data import training_pairs
+
+
+@dataclass
+class NLGConfig(ModelArgs, AdapterArgs):
+    """Every key a config file (or ``--key value``) may set."""
+
+    # ---- data
+    dataset: str = "e2e"  # e2e | dart | webnlg
+    # Folder with the dataset files; default: $PEFT_NOLA_DATA_DIR/<dataset> or ../shared/data/<dataset>.
+    data_dir: str | None = None
+    train_file: str | None = None  # relative to data_dir unless absolute; default per dataset (nlg_data.DEFAULT_FILES)
+    test_file: str | None = None
+    # Hub dataset name (e2e_nlg, dart, web_nlg) to use instead of local files; needs internet.
+    hub_dataset: str | None = None
+    max_train_pairs: int | None = None  # keep this many (input, reference) training pairs (None: all)
+    max_test_inputs: int | None = None  # decode this many test inputs (None: all)
+    data_seed: int = 0  # shuffles the training pairs before max_train_pairs picks them; test keeps file order
+    # ---- how an input becomes a prompt. LoRA setup: "<input><eos> <reference><eos>", loss on the reference only.
+    prompt_template: str = "{source}"
+    eos_after_prompt: bool = True
+    # Wrap the prompt as a user turn of the tokenizer's chat template (instruct models); the reference becomes the
+    # assistant turn. Lets an un-adapted instruct model attempt the task, so base_metrics is a fair baseline.
+    chat_template: bool = False
+    max_length: int = 512
+    # ---- training (transformers.TrainingArguments names)
+    output_dir: str = "runs/nlg"
+    seed: int = 110
+    num_train_epochs: float = 5.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 0.1
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    lr_scheduler_type: str = "linear"
+    label_smoothing: float = 0.1
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 0.0  # 0 disables clipping, as in the LoRA/NOLA scripts (--clip 0.0)
+    logging_steps: int = 50
+    save_strategy: str = "epoch"  # no | steps | epoch
+    save_steps: int = 1000
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "true" for the latest in output_dir
+    bf16: bool = False
+    fp16: bool = False
+    report_to: str = "none"
+    # ---- decoding (paper: beam 10, length penalty 0.9 (E2E) / 0.8, no-repeat 4-gram, 64 new tokens)
+    num_beams: int = 10
+    length_penalty: float = 0.9
+    no_repeat_ngram_size: int = 4
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    stop_at_newline: bool = True  # keep only the first line of each generation (all references are one line)
+    # Lower-case and split punctuation on both sides before scoring (LoRA's gpt2_decode.py --tokenize --lower, which
+    # its DART/WebNLG scripts use and its E2E script does not). None: on for dart/webnlg, off for e2e.
+    score_tokenize_lower: bool | None = None
+    evaluate_base: bool = True  # also decode and score the un-adapted model on the same inputs (base_metrics)
+    # ---- reporting
+    row_label: str | None = None  # e.g. "NOLA (QV)"; derived from method/targets when unset
+    paper_table: str | None = None  # which table of the NOLA paper this config reproduces
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _data_file(cfg: NLGConfig, which: str) -> Path:
+    """An explicit train_file/test_file that exists as given wins; otherwise it is looked up inside data_dir."""
+    explicit = cfg.train_file if which == "train" else cfg.test_file
+    if explicit and resolve_path(explicit).is_file():
+        return resolve_path(explicit)
+    data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else default_data_root() / cfg.dataset
+    return data_dir / (explicit or DEFAULT_FILES[cfg.dataset][which])
+
+
+def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[NLGExample]]:
+    """(training pairs, grouped test examples) per the config; RecipeError when files are missing."""
+    if cfg.dataset not in DATASETS:
+        raise RecipeError(f"unknown dataset '{cfg.dataset}': choose one of {', '.join(DATASETS)}")
+    try:
+        if cfg.hub_dataset:
+            train = load_hub_split(cfg.dataset, cfg.hub_dataset, "train")
+            test = load_hub_split(cfg.dataset, cfg.hub_dataset, "test")
+        else:
+            test_path = _data_file(cfg, "test")
+            train_path = _data_file(cfg, "train")
+            # Check both before reading either, so the message lists everything that is missing.
+            missing = [str(p) for p in (train_path, test_path) if not p.is_file()]
+            if missing:
+                raise DataFileError(
+                    f"{cfg.dataset} data file(s) not found: {', '.join(missing)}. Set data_dir (or train_file / "
+                    f"test_file) to a local copy, or $PEFT_NOLA_DATA_DIR to a folder holding {cfg.dataset}/. "
+                    "Sources: E2E = microsoft/LoRA examples/NLG/data/e2e/*.txt or tuetschek/e2e-dataset CSVs; "
+                    "DART = Yale-LILY/dart data/v1.1.1/*.json; WebNLG = microsoft/LoRA "
+                    "examples/NLG/data/webnlg_challenge_2017/*.json."
+                )
+            train = read_split(cfg.dataset, train_path)
+            test = read_split(cfg.dataset, test_path)
+    except (DataFileError, KeyError, ValueError) as exc:
+        raise RecipeError(str(exc)) from None
+    pairs = subsample(training_pairs(train), cfg.max_train_pairs, seed=cfg.data_seed)
+    test = subsample(test, cfg.max_test_inputs)
+    if not pairs or not test:
+        raise RecipeError(f"no training pairs ({len(pairs)}) or test inputs ({len(test)}) after reading the data")
+    return pairs, test
+
+
+def prompt_ids(tokenizer, cfg: NLGConfig, source: str) -> list[int]:
+    """Token ids the model is conditioned on (and generation starts from)."""
+    text = cfg.prompt_template.format(source=source)
+    if cfg.chat_template:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        ids = list(encoded["input_ids"])
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if cfg.eos_after_prompt else ids
+
+
+def encode_pair(tokenizer, cfg: NLGConfig, source: str, reference: str) -> dict:
+    """Prompt + " reference" + EOS, with labels masked (-100) over the prompt, truncated to max_length."""
+    context = prompt_ids(tokenizer, cfg, source)
+    # GPT-2 BPE marks word starts with a leading space (LoRA encodes " " + reference); a chat turn starts fresh.
+    lead = "" if cfg.chat_template else " "
+    completion = tokenizer(lead + reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (context + completion)[: cfg.max_length]
+    labels = ([-100] * len(context) + completion)[: cfg.max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+class PairDataset:
+    """Tokenised training pairs for Trainer (a plain indexable; no datasets dependency needed)."""
+
+    def __init__(self, tokenizer, cfg: NLGConfig, pairs: Sequence[tuple[str, str]]):
+        self.features = [encode_pair(tokenizer, cfg, s, r) for s, r in pairs]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding and scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def postprocess(text: str, stop_at_newline: bool) -> str:
+    """One line of text: the first line of the generation, or all of it with whitespace runs collapsed (the
+    line-based scorers cannot hold line breaks)."""
+    text = text.strip()
+    if stop_at_newline:
+        text = text.split("\n", 1)[0]
+    return " ".join(text.split())
+
+
+def generate(model, tokenizer, cfg: NLGConfig, sources: Sequence[str], desc: str = "decoding") -> list[str]:
+    """Decode every source (left-padded batches) with the config's decoding settings."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    outputs: list[str] = []
+    batch_size = max(1, cfg.eval_batch_size)
+    for start in tqdm(range(0, len(sources), batch_size), desc=desc, unit="batch"):
+        batch = [prompt_ids(tokenizer, cfg, s) for s in sources[start : start + batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams,
+                do_sample=False,
+                length_penalty=cfg.length_penalty,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size or 0,
+                repetition_penalty=cfg.repetition_penalty,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                early_stopping=True if cfg.num_beams > 1 else False,
+            )
+        for row in generated[:, width:]:
+            outputs.append(postprocess(tokenizer.decode(row, skip_special_tokens=True), cfg.stop_at_newline))
+    return outputs
+
+
+def _metrics_module():
+    try:
+        from recipes import metrics
+    except ImportError as exc:
+        raise ImportError(
+            "recipes/metrics.py (score_e2e / score_webnlg) is not available yet; the NLG recipe needs it to score "
+            f"generations: {exc}"
+        ) from exc
+    return metrics
+
+
+def score(dataset: str, examples: Sequence[NLGExample], hypotheses: Sequence[str],
+          tokenize_lower: bool | None = None) -> dict[str, float]:
+    """Paper metrics on the official scales: E2E -> BLEU, NIST, METEOR, ROUGE_L, CIDEr (BLEU/METEOR/ROUGE_L in 0..1);
+    DART -> BLEU (0..100), METEOR, TER; WebNLG -> the same for all inputs plus ``_S`` (seen categories) and ``_U``
+    (unseen) variants. ``tokenize_lower`` applies LoRA's post-processing to both sides (default: not for E2E)."""
+    metrics = _metrics_module()
+    if tokenize_lower is None:
+        tokenize_lower = dataset != "e2e"
+    refs = [list(ex.references) for ex in examples]
+    hyps = list(hypotheses)
+    if tokenize_lower:
+        refs = [[metrics.lora_postprocess(r) for r in group] for group in refs]
+        hyps = [metrics.lora_postprocess(h) for h in hyps]
+    if dataset == "e2e":
+        return {k: float(v) for k, v in metrics.score_e2e(refs, hyps).items()}
+    result = {k: float(v) for k, v in metrics.score_webnlg(refs, hyps).items()}
+    if dataset == "webnlg":
+        for suffix, want in (("_S", True), ("_U", False)):
+            idx = [i for i, ex in enumerate(examples) if ex.seen is want]
+            if idx:
+                part = metrics.score_webnlg([refs[i] for i in idx], [hyps[i] for i in idx])
+                result.update({k + suffix: float(v) for k, v in part.items()})
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = {
+    "e2e": ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"],
+    "dart": ["BLEU", "METEOR", "TER"],
+    "webnlg": ["BLEU_U", "BLEU_S", "BLEU", "METEOR_U", "METEOR_S", "METEOR", "TER_U", "TER_S", "TER"],
+}
+# Metrics the paper prints x100 (E2E: BLEU 70.4, MET 46.8, ROUGE-L 71.8); the rest print on the scorer's scale
+# (NIST 8.85, CIDEr 2.53; DART/WebNLG BLEU is already 0..100, METEOR and TER print as .46).
+PERCENT_METRICS = {"e2e": ("BLEU", "METEOR", "ROUGE_L"), "dart": (), "webnlg": ()}
+
+
+def row_label(cfg: NLGConfig) -> str:
+    if cfg.row_label:
+        return cfg.row_label
+    targets = set(cfg.target_modules)
+    where = "MLP" if targets & {"c_fc", "mlp.c_proj", "up_proj", "down_proj", "gate_proj"} else "QV"
+    if cfg.method == "full":
+        return "Finetune"
+    if cfg.method == "lora":
+        return f"LoRA (r={cfg.r})"
+    return f"{cfg.method.upper()} ({where})"
+
+
+def format_params(n: int | None) -> str:
+    """Trainable parameters the way the paper prints them (e.g. 0.096M)."""
+    return "-" if n is None else f"{n / 1e6:.3f}M"
+
+
+def paper_row(results: dict, dataset: str) -> dict:
+    """One table row: label, parameter count, and metrics scaled like the paper (BLEU 70.4, NIST 8.85, ...)."""
+    row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
+    for name in TABLE_COLUMNS[dataset]:
+        value = results["metrics"].get(name)
+        base_name = name[:-2] if name.endswith(("_S", "_U")) else name
+        if value is not None:
+            value = round(100 * value, 1) if base_name in PERCENT_METRICS[dataset] else round(value, 2)
+        row[name] = value
+    return row
+
+
+def paper_markdown(rows: Sequence[dict], dataset: str) -> str:
+    columns = ["Method", "# Trainable Parameters", *TABLE_COLUMNS[dataset]]
+    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
+    return markdown_table(rows, columns, headers)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: NLGConfig) -> None:
+    """Checks that need no model or data, so a typo fails in a second rather than after loading."""
+    if cfg.method not in ("nola", "lora", "full", "nora"):
+        raise RecipeError(f"unknown method '{cfg.method}': choose nola, lora, full or nora")
+    if cfg.save_strategy not in ("no", "steps", "epoch"):
+        raise RecipeError(f"save_strategy must be no, steps or epoch, not '{cfg.save_strategy}'")
+    if "{source}" not in cfg.prompt_template:
+        raise RecipeError("prompt_template must contain {source}")
+    if cfg.chat_template and cfg.eos_after_prompt:
+        raise RecipeError("chat_template: true already ends the prompt with the assistant header; "
+                          "set eos_after_prompt: false")
+    if cfg.resume_from_checkpoint not in (None, "true", "True") and not resolve_path(cfg.resume_from_checkpoint).is_dir():
+        raise RecipeError(f"resume_from_checkpoint folder not found: {cfg.resume_from_checkpoint}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe; returns the results dict (also written to ``output_dir/results.json``)."""
+    started = time.time()
+    cfg = load_config(NLGConfig, argv)
+    validate(cfg)
+    pairs, test = load_data(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="bfloat16" if cfg.bf16 else "float32")
+    # Fail on bad target_modules / method before spending time on base decoding.
+    from recipes.common import build_peft_config
+
+    build_peft_config(cfg, model)
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.padding_side = "right"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    sources = [ex.source for ex in test]
+    base_metrics: dict[str, float] = {}
+    base_predictions: list[str] = []
+    train_args = TrainingArguments(
+        output_dir=str(out),
+        seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        label_smoothing_factor=cfg.label_smoothing,
+        adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        report_to=cfg.report_to,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+    )
+    is_main = train_args.process_index == 0
+    if cfg.evaluate_base and is_main:
+        model.to(device)
+        base_predictions = generate(model, tokenizer, cfg, sources, desc="decoding (base model)")
+        base_metrics = score(cfg.dataset, test, base_predictions, cfg.score_tokenize_lower)
+
+    model = apply_method(model, cfg)
+    trainable = count_trainable_parameters(model)
+    trainer = Trainer(
+        model=model,
+        args=train_args,
+        train_dataset=PairDataset(tokenizer, cfg, pairs),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
+    resume = cfg.resume_from_checkpoint
+    resume = True if resume in ("true", "True") else resume
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.wait_for_everyone()
+    if not is_main:
+        return {}
+
+    model = trainer.model
+    adapter_bytes = save_adapter(model, out / "adapter")
+    predictions = generate(model, tokenizer, cfg, sources, desc="decoding (adapted model)")
+    metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for i, (ex, hyp) in enumerate(zip(test, predictions)):
+            record = {"source": ex.source, "prediction": hyp, "references": ex.references}
+            if base_predictions:
+                record["base_prediction"] = base_predictions[i]
+            if ex.category is not None:
+                record["category"] = ex.category
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    results = {
+        "recipe": "nlg",
+        "config": config_to_dict(cfg),
+        "method": cfg.method,
+        "row_label": row_label(cfg),
+        "dataset": cfg.dataset,
+        "model": cfg.model_name_or_path if cfg.model_config is None else f"random init {cfg.model_config}",
+        "trainable_params": int(trainable),
+        "adapter_bytes": int(adapter_bytes),
+        "metrics": metrics,
+        "base_metrics": base_metrics,
+        "wall_time_s": round(time.time() - started, 2),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "train_pairs": len(pairs),
+        "test_inputs": len(test),
+        "test_references": sum(len(ex.references) for ex in test),
+        "train_steps": int(train_output.global_step),
+        "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
+        "decoding": {k: getattr(cfg, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
+                                                   "max_new_tokens", "stop_at_newline")},
+        "device": device,
+    }
+    rows = [paper_row(results, cfg.dataset)]
+    if base_metrics:
+        base = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
+        rows.insert(0, paper_row(base, cfg.dataset))
+    write_results(out, results, paper_markdown(rows, cfg.dataset))
+    print(paper_markdown(rows, cfg.dataset))
+    print(f"results written to {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
