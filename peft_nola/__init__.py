@@ -1,18 +1,21 @@
-"""NOLA (and NoRA) as tuners of the stock Hugging Face ``peft`` library.
+"""NOLA and NoRA as tuners of the stock Hugging Face ``peft`` library.
 
-``import peft_nola`` registers ``"NOLA"`` with peft, so that ``get_peft_model(model, NolaConfig(...))``,
+``import peft_nola`` registers ``"NOLA"`` and ``"NORA"`` with peft, so that ``get_peft_model(model, NolaConfig(...))``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and ``AutoPeftModel*`` work as they do for LoRA.
 """
 
 from ._registry import add_peft_type, register
 
 add_peft_type("NOLA")  # before the config classes are used: their __post_init__ sets peft_type
+add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
 from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
+from .tuners.nora import NoraConfig, NoraLayer, NoraModel  # noqa: E402
 
 register("nola", NolaConfig, NolaModel, prefix="nola_")
+register("nora", NoraConfig, NoraModel, prefix="nora_")
 
 __version__ = "0.1.0"
 
@@ -21,6 +24,9 @@ __all__ = [
     "NolaConfig",
     "NolaLayer",
     "NolaModel",
+    "NoraConfig",
+    "NoraLayer",
+    "NoraModel",
     "basis_rows",
     "generator_fingerprint",
     "uniform_stream",

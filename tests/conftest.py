@@ -63,6 +63,27 @@ class TinyCNN(nn.Module):
         return self.head(torch.relu(self.conv1(torch.relu(self.conv0(x)))).flatten(1))
 
 
+def train_with_trainer(model, output_dir, learning_rate: float, epochs: int = 6) -> tuple[float, float]:
+    """Mean loss over a small learnable dataset before and after ``transformers.Trainer`` with gradient checkpointing."""
+    from transformers import Trainer, TrainingArguments
+
+    # Sequences that step by 1 or 2 (mod 95): learnable from the previous token, unlike uniform noise.
+    starts, steps = torch.arange(16) * 5 % 95, 1 + torch.arange(16) % 2
+    sequences = 1 + (starts[:, None] + steps[:, None] * torch.arange(12)) % 95
+    data = [{"input_ids": ids, "labels": ids} for ids in sequences]
+
+    def mean_loss():
+        with torch.no_grad():
+            return torch.stack([model(ids[None], labels=ids[None]).loss for ids in sequences]).mean().item()
+
+    before = mean_loss()
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=epochs,
+                             learning_rate=learning_rate, gradient_checkpointing=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return before, mean_loss()
+
+
 def seeded(module_cls, seed: int = 0):
     torch.manual_seed(seed)
     return module_cls().eval()

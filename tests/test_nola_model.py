@@ -16,7 +16,7 @@ from torch import nn
 import peft_nola
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer, basis_rows, uniform_stream
 
-from .conftest import TinyCNN, TinyMLP, seeded, tiny_gpt2, tiny_llama, tiny_vit
+from .conftest import TinyCNN, TinyMLP, seeded, tiny_gpt2, tiny_llama, tiny_vit, train_with_trainer
 
 K, L, R = 40, 30, 4
 
@@ -319,21 +319,8 @@ def test_add_set_delete_adapter(token_ids):
 
 # -------------------------------------------------------------------------------------------------- training
 def test_loss_goes_down_with_the_trainer_and_gradient_checkpointing(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    # Sequences that step by 1 or 2 (mod 95): learnable from the previous token, unlike uniform noise.
-    starts, steps = torch.arange(16) * 5 % 95, 1 + torch.arange(16) % 2
-    sequences = 1 + (starts[:, None] + steps[:, None] * torch.arange(12)) % 95
-    data = [{"input_ids": ids, "labels": ids} for ids in sequences]
     model = get_peft_model(tiny_llama(), llama_config(num_basis_A=64, num_basis_B=64))
-    with torch.no_grad():
-        before = torch.stack([model(d["input_ids"][None], labels=d["labels"][None]).loss for d in data]).mean()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=6,
-                             learning_rate=1e-1, gradient_checkpointing=True, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data).train()
-    with torch.no_grad():
-        after = torch.stack([model(d["input_ids"][None], labels=d["labels"][None]).loss for d in data]).mean()
+    before, after = train_with_trainer(model, tmp_path, learning_rate=1e-1)
     assert after < before - 0.05
 
 

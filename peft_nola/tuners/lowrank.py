@@ -167,6 +167,16 @@ def matrix_shape(base_layer: nn.Module) -> tuple[int, int]:
     return base_layer.out_features, base_layer.in_features
 
 
+def weight_matrix(base_layer: nn.Module) -> torch.Tensor:
+    """The weight of a supported layer as the ``(rows, cols)`` matrix of :func:`matrix_shape` (bitsandbytes weights
+    dequantized)."""
+    backend = resolve_quantization_backend(base_layer)
+    weight = backend.get_base_weight(base_layer) if backend is not None else base_layer.weight
+    if isinstance(base_layer, Conv1D):
+        return weight.T
+    return weight.reshape(matrix_shape(base_layer))
+
+
 def is_supported(base_layer: nn.Module) -> bool:
     if isinstance(base_layer, (nn.Linear, Conv1D, nn.Conv2d)):
         return True
@@ -198,11 +208,11 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         self._active_adapter = adapter_name
-        self._init_adapter_containers()
+        self._init_adapter_containers(config)
         self.update_layer(adapter_name, config, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- method hooks
-    def _init_adapter_containers(self) -> None:
+    def _init_adapter_containers(self, config: PeftConfig) -> None:
         """Create the (empty) per-adapter containers named in ``adapter_layer_names`` / ``other_param_names``."""
         raise NotImplementedError
 

@@ -65,7 +65,7 @@ class NolaLayer(LowRankLayer):
     other_param_names = ("scaling", "output_slices", "adapter_dropout", "basis_spec")
     method_name = "nola"
 
-    def _init_adapter_containers(self) -> None:
+    def _init_adapter_containers(self, config: NolaConfig) -> None:
         self.nola_coef_A = nn.ParameterDict({})
         self.nola_coef_B = nn.ParameterDict({})
         self.basis_spec: dict[str, BasisSpec] = {}
