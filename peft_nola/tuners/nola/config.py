@@ -5,6 +5,7 @@ from typing import Optional
 
 from peft.utils import PeftType
 
+from ...quantization import DEFAULT_SCHEME, validate_bits, validate_scheme
 from ..lowrank import LowRankConfig, require_int, require_probability
 
 BASIS_MODES = ("shared", "per_layer", "per_layer_cached")
@@ -43,6 +44,20 @@ class NolaConfig(LowRankConfig):
       * ``"per_layer_cached"``: an independent basis per layer kept in memory: fast, but ``(k·r·n + l·m·r)`` floats
         per layer (3 GB for GPT-2 medium QV at k=l=1000, r=8).
 
+    Quantized coefficients (the paper's Section 2 and Table 4; see :mod:`peft_nola.quantization`). With
+    ``coefficient_bits=b`` (2..8) the saved adapter stores α and β as packed ``b``-bit integers plus a small header
+    per tensor (``≈ b/8`` bytes per coefficient), and ``PeftModel.from_pretrained`` dequantizes them on load:
+      * ``quantization_aware=False``: training is in full precision and saving quantizes (post-training
+        quantization; :func:`peft_nola.quantization.quantize_coefficients` does the same to the model in memory);
+      * ``quantization_aware=True``: quantization-aware training. The forward pass uses the quantized coefficients,
+        the optimizer updates the full-precision ones (the trainable parameters), and gradients pass the rounding
+        unchanged (straight-through estimator). The saved adapter is the quantized one, so resuming training from
+        a saved checkpoint restarts from the quantized values.
+    ``quantization_scheme`` is ``"affine"`` (min/max range, all ``2**b`` levels; the default, measured better at 2-3
+    bits) or ``"symmetric"`` (``±max|x|``, ``2**b - 1`` levels around an exact zero). The basis and the base model
+    stay in full precision. With ``coefficient_bits=None`` (the default) nothing is quantized, and the quantization
+    fields are left out of ``adapter_config.json``, which stays as it was before they existed.
+
     The basis never enters the state dict. ``basis_fingerprint`` and ``layout_fingerprint`` are filled in when the
     adapter is created and checked when it is loaded: a generator that does not reproduce the basis, or a model
     whose adapted layers differ in names or shapes, is an error, never a silently different model.
@@ -56,6 +71,17 @@ class NolaConfig(LowRankConfig):
     basis_seed: int = field(default=0, metadata={"help": "Seed of the basis (and of α's initial values), >= 0."})
     basis_mode: str = field(
         default="shared", metadata={"help": f"How the basis is held: one of {BASIS_MODES} (see the class docstring)."}
+    )
+    coefficient_bits: Optional[int] = field(
+        default=None,
+        metadata={"help": "Store the coefficients as packed integers of this many bits (2..8); None: float32."},
+    )
+    quantization_aware: bool = field(
+        default=False,
+        metadata={"help": "Train with quantized coefficients in the forward pass (QAT, straight-through)."},
+    )
+    quantization_scheme: str = field(
+        default=DEFAULT_SCHEME, metadata={"help": "Per-tensor quantizer: 'affine' (min/max) or 'symmetric' (absmax)."}
     )
     basis_fingerprint: Optional[str] = field(
         default=None, metadata={"help": "Set on creation: hash of the generator's output for basis_seed."}
@@ -76,3 +102,19 @@ class NolaConfig(LowRankConfig):
             raise ValueError(f"nola_alpha must be a number, got {self.nola_alpha!r}")
         if self.basis_mode not in BASIS_MODES:
             raise ValueError(f"basis_mode must be one of {BASIS_MODES}, got {self.basis_mode!r}")
+        if self.coefficient_bits is not None:
+            self.coefficient_bits = validate_bits(self.coefficient_bits, "coefficient_bits")
+        if not isinstance(self.quantization_aware, bool):
+            raise ValueError(f"quantization_aware must be True or False, got {self.quantization_aware!r}")
+        if self.quantization_aware and self.coefficient_bits is None:
+            raise ValueError("quantization_aware=True needs coefficient_bits (an integer from 2 to 8)")
+        validate_scheme(self.quantization_scheme, "quantization_scheme")
+
+    def to_dict(self) -> dict:
+        config = super().to_dict()
+        if config.get("coefficient_bits") is None:
+            # Unquantized adapters keep the adapter_config.json of releases without quantization, byte for byte,
+            # so those releases still read them; the left-out fields only matter when coefficient_bits is set.
+            for name in ("coefficient_bits", "quantization_aware", "quantization_scheme"):
+                config.pop(name, None)
+        return config

@@ -9,6 +9,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...basis import basis_rows, uniform_stream
+from ...quantization import fake_quantize
 from ..lowrank import LowRankLayer
 from .config import NolaConfig
 
@@ -62,13 +63,15 @@ class NolaLayer(LowRankLayer):
     """A base layer with NOLA adapters: factors are coefficient-weighted sums of a seeded random basis."""
 
     adapter_layer_names = ("nola_coef_A", "nola_coef_B")
-    other_param_names = ("scaling", "output_slices", "adapter_dropout", "basis_spec")
+    other_param_names = ("scaling", "output_slices", "adapter_dropout", "basis_spec", "coefficient_quantization")
     method_name = "nola"
 
     def _init_adapter_containers(self, config: NolaConfig) -> None:
         self.nola_coef_A = nn.ParameterDict({})
         self.nola_coef_B = nn.ParameterDict({})
         self.basis_spec: dict[str, BasisSpec] = {}
+        # adapter name -> (bits, scheme) for quantization-aware adapters (their forward uses quantized coefficients)
+        self.coefficient_quantization: dict[str, tuple[int, str] | None] = {}
 
     def _rank_and_scale(self, config: NolaConfig) -> tuple[int, float, float]:
         return config.r, config.nola_alpha / config.r, config.nola_dropout
@@ -97,10 +100,17 @@ class NolaLayer(LowRankLayer):
                 coef_B[i] = uniform_stream(config.basis_seed, f"beta/{self.module_key}/{block}", 0, l) * math.sqrt(3 / r)
         self.nola_coef_A[adapter_name] = nn.Parameter(coef_A)
         self.nola_coef_B[adapter_name] = nn.Parameter(coef_B)
+        self.coefficient_quantization[adapter_name] = (
+            (config.coefficient_bits, config.quantization_scheme) if config.quantization_aware else None
+        )
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.basis_spec[adapter_name]
         coef_A, coef_B = self.nola_coef_A[adapter_name], self.nola_coef_B[adapter_name]
+        quantization = self.coefficient_quantization.get(adapter_name)
+        if quantization is not None:
+            # QAT: the parameters are the full-precision shadows; the forward pass sees their quantized values
+            coef_A, coef_B = fake_quantize(coef_A, *quantization), fake_quantize(coef_B, *quantization)
         down = self._combine(coef_A, spec, spec.streams_A, spec.numel_A).view(coef_A.shape[0], spec.numel_A // self.cols, self.cols)
         up_flat = self._combine(coef_B, spec, spec.streams_B, spec.numel_B)
         up = up_flat.view(coef_B.shape[0], spec.numel_B // down.shape[1], down.shape[1])

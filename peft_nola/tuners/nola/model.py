@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...basis import generator_fingerprint, layout_fingerprint
+from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
 from ..lowrank import LowRankTuner, is_supported, matrix_shape, resolve_slices
 from .config import NolaConfig
 from .layer import NolaLayer
@@ -59,8 +61,75 @@ class NolaModel(LowRankTuner):
         config.basis_fingerprint = fingerprints["basis_fingerprint"]
         config.layout_fingerprint = fingerprints["layout_fingerprint"]
 
+    # ------------------------------------------------------------------------------------ quantized storage
+    # peft's save/load hooks (see BaseTuner._get_adapter_state_dict): with coefficient_bits set, each coefficient
+    # tensor is saved as packed integers under its own key, plus a small header tensor under "<key>_qheader"; on
+    # load the pair is turned back into the float tensor before peft maps the keys onto the model.
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        bits = getattr(config, "coefficient_bits", None)
+        if bits is None:
+            return to_return
+        packed = {}
+        for key, value in to_return.items():
+            param_key = key.removesuffix(f".{adapter_name}")
+            if param_key != key and param_key.endswith(COEFFICIENT_NAMES):
+                try:
+                    payload, header = pack_tensor(value, bits, config.quantization_scheme)
+                except ValueError as error:
+                    raise ValueError(f"Cannot save '{param_key}' at {bits} bits: {error}") from None
+                packed[key] = payload
+                # Named so that peft's removal of the adapter name yields "<coefficient key>_qheader".
+                packed[f"{param_key}{HEADER_SUFFIX}.{adapter_name}"] = header
+            else:
+                packed[key] = value
+        return packed
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        return super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, unpack_coefficients(state_dict, getattr(config, "coefficient_bits", None))
+        )
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         # Cached bases are regenerated on demand; dropping them all frees the ones no adapter uses any more.
         for key in list(self.nola_basis):
             del self.nola_basis[key]
+
+
+COEFFICIENT_NAMES = tuple(f".{name}" for name in NolaLayer.adapter_layer_names)
+
+
+def unpack_coefficients(state_dict: dict[str, torch.Tensor], bits) -> dict[str, torch.Tensor]:
+    """A checkpoint state dict with every packed coefficient (payload + header) replaced by its float32 tensor.
+
+    Raises ``ValueError`` when the file and ``coefficient_bits`` disagree: packed tensors without the setting (or at
+    another bit width), a coefficient stored in float although the config says it is packed, or a payload whose
+    length disagrees with its header.
+    """
+    headers = {key.removesuffix(HEADER_SUFFIX): key for key in state_dict if key.endswith(HEADER_SUFFIX)}
+    if headers and bits is None:
+        raise ValueError(
+            f"The adapter file holds packed (quantized) coefficients, e.g. '{next(iter(headers))}', but its "
+            f"adapter_config.json has no coefficient_bits: the config does not belong to this file."
+        )
+    unpacked = {}
+    for key, value in state_dict.items():
+        if key.endswith(HEADER_SUFFIX):
+            continue
+        if key in headers:
+            unpacked[key] = unpack_tensor(value, state_dict[headers[key]], name=key, bits=bits)
+        elif bits is not None and key.endswith(COEFFICIENT_NAMES):
+            raise ValueError(
+                f"adapter_config.json says coefficient_bits={bits}, but '{key}' is stored as a {value.dtype} tensor "
+                f"without its '{key}{HEADER_SUFFIX}' header: the config does not belong to this file."
+            )
+        else:
+            unpacked[key] = value
+    missing = sorted(set(headers) - set(unpacked))
+    if missing:
+        raise ValueError(f"The adapter file has the header '{missing[0]}{HEADER_SUFFIX}' but no '{missing[0]}' payload")
+    return unpacked
