@@ -361,12 +361,14 @@ def mmlu_metrics(questions: Sequence[MMLUQuestion], predictions: Sequence[int]) 
 
 def evaluate_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], max_length: int = 2048,
                   batch_size: int = 1, progress: bool = False) -> dict:
-    """:func:`predict_answers` then :func:`mmlu_metrics`, plus how many prompts lost shots and the wall time."""
+    """:func:`predict_answers` then :func:`mmlu_metrics`, plus the predicted letters (one per question, in order),
+    how many prompts lost shots, and the wall time."""
     started = time.time()
     scored = predict_answers(model, tokenizer, questions, max_length=max_length, batch_size=batch_size,
                              progress=progress)
     metrics = mmlu_metrics(questions, scored["predictions"])
     metrics["prompts_shortened"] = sum(1 for d in scored["shots_dropped"] if d)
+    metrics["predictions"] = "".join(LETTERS[p] for p in scored["predictions"])
     metrics["wall_time_s"] = time.time() - started
     return metrics
 

@@ -197,3 +197,59 @@ def test_fixed_subset_is_reproducible():
     assert len(first) == 20 and first != select_questions(questions, max_samples=20, seed=4)
     one_each = select_questions(questions, per_subject=1)
     assert len(one_each) == 57 and len({q.subject for q in one_each}) == 57
+
+
+def _naive_predictions(model, tokenizer, questions):
+    """Reference scoring: one unpadded forward per prompt, full logits, argmax of the letters at the last position."""
+    letters = [tokenizer.convert_tokens_to_ids("\u0120" + x) for x in "ABCD"]
+    predictions = []
+    with torch.no_grad():
+        for q in questions:
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(q.prompt)["input_ids"]])
+            predictions.append(int(model(input_ids=ids).logits[0, -1, letters].argmax()))
+    return predictions
+
+
+@needs_mmlu
+@needs_gpt2
+def test_command_line_scores_a_saved_model_and_adapter_like_a_naive_loop(tmp_path):
+    """``python -m recipes.mmlu --model DIR [--adapter DIR]`` agrees with an unbatched full-logits reference."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from recipes.mmlu import main
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER), bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                         bos_token_id=50256, eos_token_id=50256)).eval()
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    # A LoRA adapter with random (non-zero) B, so the adapted letter logits differ from the base ones.
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))
+    adapted.save_pretrained(adapter_dir)
+
+    # Eight real 5-shot questions with short prompts, written out in QLoRA's format.
+    source = [json.loads(line) for line in (MMLU_DIR / "five_shot_mmlu_val.untruncated.json").open()]
+    short = [r for r in source if len(r["input"]) < 1500][::40][:8]
+    questions_file = tmp_path / "mmlu_short.json"
+    questions_file.write_text("".join(json.dumps(r) + "\n" for r in short))
+    questions = load_mmlu_json(questions_file)
+    flags = ["--split", "val", "--batch_size", "3", "--mmlu_path", str(questions_file)]
+
+    base = main(["--model", str(model_dir), *flags, "--output_dir", str(tmp_path / "base")])
+    expected = _naive_predictions(LlamaForCausalLM.from_pretrained(model_dir).eval(), tokenizer, questions)
+    assert base["predictions"] == "".join("ABCD"[p] for p in expected)
+
+    with_adapter = main(["--model", str(model_dir), "--adapter", str(adapter_dir), *flags])
+    reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+    expected_adapted = _naive_predictions(reference, tokenizer, questions)
+    assert with_adapter["predictions"] == "".join("ABCD"[p] for p in expected_adapted)
+    correct = sum(p == q.answer for p, q in zip(expected_adapted, questions))
+    assert with_adapter["MMLU_micro"] == pytest.approx(100 * correct / len(questions))
+    written = json.loads((tmp_path / "base" / "mmlu.json").read_text())
+    assert written["num_questions"] == len(questions) == 8 and written["MMLU"] == pytest.approx(base["MMLU"])
