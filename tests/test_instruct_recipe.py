@@ -150,7 +150,8 @@ def test_table5_configs_hold_the_paper_settings(name):
     assert config.mmlu_split == "test"
 
 
-def test_8bit_loading_quantizes_every_adapted_linear_layer():
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_kbit_loading_quantizes_every_adapted_linear_layer(bits):
     if not GPT2_TOKENIZER.is_file():
         pytest.skip(f"GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
     import bitsandbytes as bnb
@@ -160,9 +161,10 @@ def test_8bit_loading_quantizes_every_adapted_linear_layer():
 
     config = load_config(InstructConfig, ["--config", str(CONFIGS / "smoke.yaml"),
                                           "--tokenizer_name_or_path", str(GPT2_TOKENIZER)])
-    model, _ = load_base_model(config, "8bit")
+    model, _ = load_base_model(config, bits)
+    expected = {"8bit": bnb.nn.Linear8bitLt, "4bit": bnb.nn.Linear4bit}[bits]
     linear = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules() if n.startswith("model.layers.0.")}
-    assert all(linear[t] is bnb.nn.Linear8bitLt for t in config.target_modules)
+    assert all(linear[t] is expected for t in config.target_modules)
     assert model.get_input_embeddings().weight.dtype.is_floating_point  # embeddings stay unquantized
 
 
