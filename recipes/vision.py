@@ -64,6 +64,9 @@ METHOD_PRESETS: dict[str, dict] = {
     "knn": dict(kind="knn", label="1-NN"),
     "lora_r4": dict(kind="lora", targets=("q", "k", "v"), r=4, label="LoRA (r=4)"),
     "lora_r1": dict(kind="lora", targets=("q", "k", "v"), r=1, label="LoRA (r=1)"),
+    # The paper's Table 6 LoRA rows (141K / 375K printed as n / 2**20 M) are r=4 on Q and V only: 147,456 / 393,216.
+    "lora_qv_r4": dict(kind="lora", targets=("q", "v"), r=4, label="LoRA-QV (r=4)"),
+    "lora_qv_r1": dict(kind="lora", targets=("q", "v"), r=1, label="LoRA-QV (r=1)"),
     "nola_mlp": dict(kind="nola", targets=("fc1", "fc2"), r=None, label="NOLA-MLP"),
     "nola_qv": dict(kind="nola", targets=("q", "v"), r=None, label="NOLA-QV"),
     "nora_mlp": dict(kind="nora", targets=("fc1", "fc2"), r=None, label="NoRA-MLP"),
@@ -338,6 +341,7 @@ def prepare_model(cfg: VisionConfig, base_model, method: str, seed: int):
 
 
 def _training_arguments(cfg: VisionConfig, run_dir: Path, lr: float, seed: int):
+    import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -348,7 +352,7 @@ def _training_arguments(cfg: VisionConfig, run_dir: Path, lr: float, seed: int):
         seed=seed, data_seed=seed, save_strategy=cfg.save_strategy, logging_steps=cfg.logging_steps,
         report_to=[], remove_unused_columns=False, label_names=["labels"], bf16=cfg.bf16, fp16=cfg.fp16,
         dataloader_num_workers=cfg.dataloader_num_workers, disable_tqdm=cfg.disable_tqdm,
-        dataloader_drop_last=False,
+        dataloader_drop_last=False, dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

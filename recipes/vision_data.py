@@ -257,11 +257,12 @@ def load_splits(data_dir: str | os.PathLike | None = None, hub_dataset: str | No
                 image_column: str | None = None, label_column: str | None = None,
                 exclude_classes: Sequence[str] = (), train_list: str | None = None,
                 test_list: str | None = None) -> tuple[LabeledImages, LabeledImages]:
-    """(train, test) splits from whichever source ``data_dir`` / ``hub_dataset`` is (see the module docstring)."""
-    if hub_dataset:
-        return load_hub_splits(hub_dataset, hub_config, train_split, test_split or "test", image_column,
-                               label_column, exclude_classes)
+    """(train, test) splits from ``data_dir`` when given (so ``--data_dir`` overrides a config's hub name), else from
+    ``hub_dataset`` (see the module docstring for the layouts)."""
     if data_dir is None:
+        if hub_dataset:
+            return load_hub_splits(hub_dataset, hub_config, train_split, test_split or "test", image_column,
+                                   label_column, exclude_classes)
         raise DataError("set data_dir (an image folder / tar folder / saved dataset) or hub_dataset")
     root = Path(data_dir)
     if not root.is_dir():
