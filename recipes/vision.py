@@ -22,6 +22,7 @@ skips finished runs, so an interrupted protocol resumes where it stopped).
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -616,6 +617,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for k in cfg.shots:
             for s in range(cfg.sample_sets):
                 protocol.kshot(k, s)
+        # Trainer runs gc.collect() after every run; without freezing the long-lived objects (library modules,
+        # the image index) each collection walks all of them, which dominates short few-shot runs.
+        import peft  # noqa: F401  (imported before the freeze so its objects are frozen too)
+        from transformers import Trainer  # noqa: F401
+
+        gc.collect()
+        gc.freeze()
         per_method: dict[str, dict] = {}
         for method in cfg.methods:
             entry = per_method.setdefault(method, dict(label=METHOD_PRESETS[method]["label"],
