@@ -41,8 +41,11 @@ class NoraConfig(LowRankConfig):
         metadata={"help": "Save U_r, V_r^T and C0 in the adapter file (True) or recompute them from the base weights."},
     )
     svd_method: str = field(
-        default="full",
-        metadata={"help": f"One of {SVD_METHODS}: exact SVD, or a seeded randomized range-finder SVD (faster)."},
+        default="auto",
+        metadata={
+            "help": f"One of {SVD_METHODS}: exact SVD, a seeded randomized range-finder SVD (much faster on large "
+            "layers), or 'auto': exact up to 2048 on the smaller side, randomized above (see peft_nola.svd)."
+        },
     )
     weight_fingerprint: Optional[list] = field(
         default=None, metadata={"help": "Set on creation: identifies the base weights the factors come from."}
