@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.common import RecipeError
+from recipes.common import RecipeError, load_config
 from recipes.vision import (
     METHOD_PRESETS,
     VisionConfig,
@@ -19,6 +19,7 @@ from recipes.vision import (
     nearest_neighbour_top1,
     prepare_model,
     trainable_parameters,
+    validate,
 )
 from recipes.vision_data import (
     DataError,
@@ -306,3 +307,23 @@ def test_smoke_config_end_to_end(tmp_path):
     # The first run of each adapter method is saved: NOLA's file holds coefficients (+ the head), a few KB.
     assert (tmp_path / "adapters" / f"{shots}shot" / "nola_mlp" / "adapter_model.safetensors").is_file()
     assert 0 < saved["per_method"]["nola_mlp"]["adapter_bytes"] < 20_000
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "vision").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_vision_config_loads_and_follows_the_paper_protocol(path):
+    cfg = load_config(VisionConfig, [], config_path=path)
+    validate(cfg)
+    if path.stem == "smoke":
+        assert cfg.model_config is not None  # offline: built from a config, no download
+        return
+    assert (cfg.sample_sets, cfg.inits, cfg.epochs, cfg.batch_size) == (4, 3, 50, 64)
+    assert set(cfg.shots) <= {5, 10} and cfg.lr_grid == [5e-3, 1e-3, 5e-4]
+    assert cfg.lr_grid_full == [8e-5, 5e-5, 3e-5, 1e-5]
+    assert cfg.num_basis_A == cfg.num_basis_B == 1024 and cfg.nola_r is None
+
+
+def test_missing_model_path_fails_before_reading_data(tmp_path):
+    with pytest.raises(RecipeError, match="model path not found: /nonexistent/vit"):
+        main(["--config", str(REPO_ROOT / "configs/vision/vitb_cifar10_5shot_nola_mlp.yaml"),
+              "--model_name_or_path", "/nonexistent/vit", "--data_dir", "/nonexistent/data"])
