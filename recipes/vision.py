@@ -420,11 +420,29 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
-def _read_run(path: Path) -> dict | None:
+# Keys that cannot change a run's outcome; every other config key is part of a run's fingerprint.
+_NOT_IN_FINGERPRINT = {"output_dir", "resume", "resume_from_checkpoint", "save_strategy", "save_adapters", "methods",
+                       "shots", "dataloader_num_workers", "logging_steps", "disable_tqdm", "paper_table", "model_label",
+                       "dataset", "lr_grid", "lr_grid_full", "lr_search_runs", "sample_sets", "inits",
+                       "eval_batch_size"}
+
+
+def run_fingerprint(cfg: VisionConfig) -> str:
+    """Hash of the settings that determine a run's result, so resuming never reuses a run made under another
+    config (the run's own method, shots, learning rate, sample set and seed are in its file name)."""
+    import hashlib
+
+    relevant = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_run(path: Path, fingerprint: str) -> dict | None:
+    """A finished run's record when it was made under the same settings."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return record if record.get("fingerprint") == fingerprint else None
 
 
 def _lr_tag(lr: float) -> str:
@@ -475,14 +493,16 @@ class Protocol:
         name = f"{split}_lr{_lr_tag(lr)}_set{sample_set}_init{init}"
         run_dir = self.out / "runs" / f"{shots}shot" / method / name
         record_path = run_dir.with_suffix(".json")
-        if cfg.resume and (record := _read_run(record_path)) is not None:
+        fingerprint = run_fingerprint(cfg)
+        if cfg.resume and (record := _read_run(record_path, fingerprint)) is not None:
             return record
         started = time.time()
         eval_set = self.val_set if split == "val" else self.test_set
         top1, model = train_and_score(cfg, self.base_model, method, self._train_set(shots, sample_set), eval_set, lr,
                                       cfg.init_seed + init, run_dir)
         body, head = trainable_parameters(model, cfg.head_module)
-        record = dict(method=method, shots=shots, sample_set=sample_set, init=init, seed=cfg.init_seed + init,
+        record = dict(fingerprint=fingerprint, method=method, shots=shots, sample_set=sample_set, init=init,
+                      seed=cfg.init_seed + init,
                       learning_rate=lr, split=split, top1=top1, trainable_params=body, head_params=head,
                       wall_time_s=time.time() - started)
         if split == "test" and sample_set == 0 and init == 0:

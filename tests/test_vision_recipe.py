@@ -327,3 +327,39 @@ def test_missing_model_path_fails_before_reading_data(tmp_path):
     with pytest.raises(RecipeError, match="model path not found: /nonexistent/vit"):
         main(["--config", str(REPO_ROOT / "configs/vision/vitb_cifar10_5shot_nola_mlp.yaml"),
               "--model_name_or_path", "/nonexistent/vit", "--data_dir", "/nonexistent/data"])
+
+
+def test_training_learns_a_separable_task_and_updates_the_adapter(tmp_path):
+    """Dark vs bright noise images: a pipeline that pairs images with their labels correctly reaches 100% on unseen
+    test images (a label/image mix-up would sit near 50%), and NOLA's output-side coefficients (zero at init) move."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 10)):
+        for cls, (lo, hi) in {"bright": (145, 256), "dark": (0, 110)}.items():
+            (tmp_path / "data" / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    results = main(_tiny_argv(tmp_path / "data", tmp_path / "out", "--methods", "nola_mlp,linear,knn", "--shots", "4",
+                              "--lr_grid", "1e-2", "--epochs", "10", "--augment", "flip", "--num_basis_A", "64",
+                              "--num_basis_B", "64"))
+    for method in ("nola_mlp", "linear", "knn"):
+        assert results["metrics"][f"top1/{method}/4shot"] == 100.0, method
+    coefficients = load_file(str(tmp_path / "out" / "adapters" / "4shot" / "nola_mlp" / "adapter_model.safetensors"))
+    beta = [v for k, v in coefficients.items() if "nola_coef_B" in k]
+    assert len(beta) == 2 * 2 and all(v.abs().max() > 0 for v in beta)
+
+
+def test_resume_reuses_finished_runs_only_under_the_same_settings(tmp_path):
+    _write_folder(tmp_path / "data", {"a": 3, "b": 3})
+    argv = _tiny_argv(tmp_path / "data", tmp_path / "out", "--resume", "true")
+    first = main(argv)
+    record = next((tmp_path / "out" / "runs").rglob("test_*.json"))
+    stamp = record.stat().st_mtime_ns
+    again = main(argv)
+    assert record.stat().st_mtime_ns == stamp  # not retrained
+    assert again["per_method"]["linear"]["shots"]["2"]["runs"] == first["per_method"]["linear"]["shots"]["2"]["runs"]
+    main(argv + ["--epochs", "2"])  # a setting that changes the result: the run is redone
+    assert json.loads(record.read_text())["fingerprint"] != first["per_method"]["linear"]["shots"]["2"]["runs"][0]["fingerprint"]
