@@ -20,7 +20,9 @@ corner cases) and the file readers.
 
 Golden values: the test-suite pins the values printed by the official ``measure_scores.py -p``
 (run from a scratch copy, see tests/test_metrics.py) on the cases in
-``shared/data/e2e-metrics-cases``; our numbers agree to the last printed digit (and to ~1e-15).
+``shared/data/e2e-metrics-cases``; all five metrics agree bit for bit. For the WebNLG suite it pins
+GenerationEval's output on a DART case built from LoRA's DART references: BLEU and METEOR agree bit
+for bit, TER to the printed digit (difference 5 below).
 
 Remaining differences from the official scripts (all in corner cases):
 
@@ -42,13 +44,18 @@ Remaining differences from the official scripts (all in corner cases):
 5. WebNLG TER: GenerationEval uses ``pyter`` (per sentence: edit distance with greedy shifts over
    one reference, minimum over references, mean over sentences; an empty reference scores 1).
    We keep that aggregation but compute each sentence's TER with sacrebleu's tercom port, whose
-   shift search is bounded (shift length <= 10 words, distance <= 50) where pyter's is not; the
-   two can differ on long, heavily reordered sentences.
-6. WebNLG file quirk: GenerationEval reads files with ``read().split('\\n')``, so a file that ends
-   in a newline (LoRA's do) adds one empty segment, which scores TER 1.0 and dilutes the mean.
-   ``score_webnlg(..., trailing_empty_segment=True)`` (the CLI default) reproduces it.
-7. WebNLG BLEU: multi-bleu-detok.perl works on bytes, so non-ASCII whitespace (e.g. U+00A0) is not
-   a separator there but is one here.
+   shift search differs from pyter's. On the pinned DART case (60 outputs, every tenth one with
+   its words reversed) one sentence differs and the mean moves by 1.3e-4 (0.23463 vs 0.23476;
+   both print 0.23); on 300 such outputs one sentence differs, 3e-4 on the mean.
+6. GenerationEval reads its files with ``read().split('\\n')``, so newline-terminated files add
+   one empty segment. For TER that segment scores 1.0; for METEOR it adds ``num_refs - 1`` stray
+   reference lines, on which METEOR 1.5 stops ("test and reference not same length") and
+   GenerationEval reports METEOR = -1. Published METEOR values therefore come from runs without
+   that segment, and by default we score without it; ``trailing_empty_segment=True`` adds the
+   TER-1.0 segment for comparing with a run that had it.
+7. WebNLG BLEU (multi-bleu-detok.perl): where the Perl script dies or exits (no reference or no
+   output words at all) we return 0.0; its ``chop`` also eats the last character of a file whose
+   last line has no newline, which cannot happen with strings passed to ``score_webnlg``.
 """
 
 from __future__ import annotations
@@ -451,30 +458,46 @@ def _nltk_word_tokenize(text: str) -> list[str]:
             from nltk.tokenize.punkt import PunktSentenceTokenizer
 
             _SENTENCE_SPLITTER = PunktSentenceTokenizer().tokenize
-    word_tokenizer = NLTKWordTokenizer()
-    return [tok for sentence in _SENTENCE_SPLITTER(text) for tok in word_tokenizer.tokenize(sentence)]
+    return [tok for sentence in _SENTENCE_SPLITTER(text) for tok in _word_tokenizer(NLTKWordTokenizer).tokenize(sentence)]
+
+
+_WORD_TOKENIZER = None
+
+
+def _word_tokenizer(factory):
+    global _WORD_TOKENIZER
+    if _WORD_TOKENIZER is None:
+        _WORD_TOKENIZER = factory()
+    return _WORD_TOKENIZER
+
+
+_TER = None
 
 
 def _sentence_ter(hyp: str, ref: str) -> float:
-    from sacrebleu.metrics import TER
-
+    """One sentence's TER against one reference, on whitespace-split words as pyter sees them."""
+    global _TER
     if not ref:
-        return 1.0
-    # pyter takes whitespace-split words, case-sensitive, no normalization.
-    return TER(case_sensitive=True).sentence_score(hyp, [ref]).score / 100.0
+        return 1.0  # GenerationEval's rule for an empty reference
+    if _TER is None:
+        from sacrebleu.metrics import TER
+
+        # pyter: case-sensitive, no normalization or punctuation handling.
+        _TER = TER(case_sensitive=True)
+    return _TER.sentence_score(hyp, [ref]).score / 100.0
 
 
 def score_webnlg(
     references: Sequence[Sequence[str]],
     hypotheses: Sequence[str],
-    trailing_empty_segment: bool = True,
+    trailing_empty_segment: bool = False,
 ) -> dict[str, float]:
     """Score outputs as WebNLG GenerationEval ``eval.py -m bleu,meteor,ter`` (LoRA's DART/WebNLG setup).
 
     Returns BLEU (multi-bleu-detok, 0..100), METEOR (0..1) and TER (0..1). ``references[i]`` may hold
     any number of references (LoRA pads missing ones with the first, which changes nothing).
-    ``trailing_empty_segment`` reproduces GenerationEval reading newline-terminated files (one extra
-    empty segment, TER 1.0); see the module docstring.
+    ``trailing_empty_segment=True`` adds the empty segment (TER 1.0) that GenerationEval sees in
+    newline-terminated files; see difference 6 in the module docstring.
     """
     _check_no_line_breaks(hypotheses, "hypothesis")
     if len(hypotheses) == 0 or len(references) != len(hypotheses):
@@ -492,7 +515,11 @@ def score_webnlg(
     refs_tok = [[" ".join(_nltk_word_tokenize(ref)) for ref in group] for group in references]
 
     meteor = _meteor()
-    meteor_score = float(meteor.compute_score(dict(enumerate(refs_tok)), dict(enumerate(hyps_tok)))[0])
+    # pycocoevalcap's Meteor asserts one hypothesis per input while holding its lock; a failed assert
+    # would leave the lock taken and hang the interpreter at exit, so the shapes here must be right.
+    gts = {i: list(group) for i, group in enumerate(refs_tok)}
+    res = {i: [hyp] for i, hyp in enumerate(hyps_tok)}
+    meteor_score = float(meteor.compute_score(gts, res)[0])
 
     ter_per_segment = [min(_sentence_ter(hyp, ref) for ref in group) for hyp, group in zip(hyps_tok, refs_tok)]
     if trailing_empty_segment:

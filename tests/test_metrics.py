@@ -235,19 +235,18 @@ def test_missing_java_names_the_install_command(monkeypatch):
         metrics.ptb_tokenize([["a"]])
 
 
-def test_cli_prints_json_scores(tmp_path):
+def test_cli_prints_json_scores(tmp_path, capsys):
     # The two hand-computed BLEU inputs above, through the files and the CLI.
     refs = [["a b c d f", "a b c x e"], ["g h i j", "g"]]
     hyps = ["A b C d e", "g h"]
     write_references(tmp_path / "refs.txt", refs)
     write_hypotheses(tmp_path / "hyps.txt", hyps)
-    out = subprocess.run(
-        [sys.executable, "-m", "recipes.metrics", "--refs", str(tmp_path / "refs.txt"),
-         "--hyps", str(tmp_path / "hyps.txt"), "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    # In-process so the METEOR Java process started by other tests is reused (seconds each start);
+    # test_cli_reports_count_mismatch runs the real `python -m recipes.metrics` entry point.
+    code = metrics.main(["--refs", str(tmp_path / "refs.txt"), "--hyps", str(tmp_path / "hyps.txt"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    scores = json.loads(out.out.strip().splitlines()[-1])
     assert list(scores) == ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
     assert scores["BLEU"] == pytest.approx((8 / 15) ** 0.25, rel=1e-12)
     # ROUGE_L (beta 1.2) on PTB tokens, best precision and best recall over references taken apart:
@@ -280,3 +279,86 @@ def test_cli_reports_count_mismatch(tmp_path):
 def test_lora_postprocess_matches_gpt2_decode():
     # gpt2_decode.py --tokenize --lower: lowercase, split around every non-word character.
     assert metrics.lora_postprocess("The Eagle's price: £20-25.") == "the eagle ' s price : £ 20 - 25 ."
+
+
+# --------------------------------------------------------------------------- WebNLG / DART suite
+
+try:
+    import nltk  # noqa: F401
+
+    HAVE_NLTK = True
+except ImportError:
+    HAVE_NLTK = False
+
+needs_nltk = pytest.mark.skipif(not HAVE_NLTK, reason="WebNLG METEOR/TER tokenize with NLTK: pip install nltk")
+DART_REFS_DIR = _data_dir() / "dart" / "lora_eval_refs_2020test"
+
+# GenerationEval eval.py (BLEU via multi-bleu-detok.perl, METEOR 1.5 file mode -l en -norm -r 3, TER via
+# pyter 0.3; nltk.word_tokenize with an untrained Punkt splitter, as punkt_tab is not installable here)
+# on _dart_case(): raw floats, printed as BLEU 57.75, METEOR 0.45, TER 0.23.
+OFFICIAL_DART_CASE = {"BLEU": 57.754299410984679, "METEOR": 0.4542320544515711, "TER": 0.23476078864496694}
+
+
+def _dart_case(start: int = 1600, count: int = 60) -> tuple[list[list[str]], list[str]]:
+    """Inputs 1600..1659 of LoRA's DART references (1-3 references each, padded with empty lines)
+    and synthetic outputs from reference0: even inputs drop every third word, every tenth input
+    (i % 10 == 1) has its words reversed, the rest are copied."""
+    columns = [
+        (DART_REFS_DIR / f"reference{k}.txt").read_text(encoding="utf-8").split("\n")[start : start + count]
+        for k in range(3)
+    ]
+    hypotheses = []
+    for i, line in enumerate(columns[0]):
+        words = line.split()
+        if i % 2 == 0:
+            words = [w for j, w in enumerate(words) if j % 3 != 2]
+        elif i % 5 == 1:
+            words = words[::-1]
+        hypotheses.append(" ".join(words))
+    return [list(group) for group in zip(*columns)], hypotheses
+
+
+@needs_nltk
+@pytest.mark.skipif(not DART_REFS_DIR.is_dir(), reason=f"LoRA DART references not found at {DART_REFS_DIR}")
+@pytest.mark.filterwarnings("ignore:NLTK's punkt_tab")
+def test_webnlg_suite_matches_generationeval_on_dart_case():
+    references, hypotheses = _dart_case()
+    assert sum(1 for group in references for ref in group if not ref) > 0  # empty padded references occur
+    ours = metrics.score_webnlg(references, hypotheses)
+    assert ours["BLEU"] == pytest.approx(OFFICIAL_DART_CASE["BLEU"], rel=1e-12)
+    assert ours["METEOR"] == pytest.approx(OFFICIAL_DART_CASE["METEOR"], rel=1e-12)
+    # GenerationEval prints round(x, 2); sacrebleu's tercom shifts differ from pyter's on one
+    # reversed sentence here (module docstring, difference 5).
+    assert round(ours["TER"], 2) == round(OFFICIAL_DART_CASE["TER"], 2)
+    assert ours["TER"] == pytest.approx(OFFICIAL_DART_CASE["TER"], abs=5e-4)
+
+
+@needs_nltk
+@pytest.mark.filterwarnings("ignore:NLTK's punkt_tab")
+def test_webnlg_ter_by_hand():
+    # hyp "a b c d": vs "a b c e" one substitution over 4 reference words = 0.25; vs the empty
+    # (padding) reference GenerationEval scores 1.0; the minimum is 0.25.
+    scores = metrics.score_webnlg([["a b c e", ""]], ["a b c d"])
+    assert scores["TER"] == pytest.approx(0.25)
+    # With GenerationEval's extra empty segment from a newline-terminated file: (0.25 + 1) / 2.
+    assert metrics.score_webnlg([["a b c e", ""]], ["a b c d"], trailing_empty_segment=True)["TER"] == pytest.approx(0.625)
+
+
+@needs_nltk
+@pytest.mark.filterwarnings("ignore:NLTK's punkt_tab")
+def test_cli_webnlg_suite(tmp_path, capsys):
+    # BLEU: the multi-bleu-detok hand case above (100 / sqrt 2) plus an exact copy "g h i j" of
+    # its reference: hits [5+4, 3+3, 2+2, 1+1] over [5+4, 4+3, 3+2, 2+1] n-grams, lengths 9 = 9.
+    # BLEU = 100 * (1 * 6/7 * 4/5 * 2/3) ** (1/4)
+    write_references(tmp_path / "refs.txt", [["a b c d f", "a b c x e"], ["g h i j"]])
+    write_hypotheses(tmp_path / "hyps.txt", ["a b c d e", "g h i j"])
+    code = metrics.main(
+        ["--refs", str(tmp_path / "refs.txt"), "--hyps", str(tmp_path / "hyps.txt"), "--suite", "webnlg", "--json"]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    scores = json.loads(out.out.strip().splitlines()[-1])
+    assert list(scores) == ["BLEU", "METEOR", "TER"]
+    assert scores["BLEU"] == pytest.approx(100 * (6 / 7 * 4 / 5 * 2 / 3) ** 0.25, rel=1e-12)
+    # TER: input 1 one substitution over 5 words (either reference) = 0.2, input 2 exact = 0.
+    assert scores["TER"] == pytest.approx(0.1)
