@@ -363,3 +363,23 @@ def test_resume_reuses_finished_runs_only_under_the_same_settings(tmp_path):
     assert again["per_method"]["linear"]["shots"]["2"]["runs"] == first["per_method"]["linear"]["shots"]["2"]["runs"]
     main(argv + ["--epochs", "2"])  # a setting that changes the result: the run is redone
     assert json.loads(record.read_text())["fingerprint"] != first["per_method"]["linear"]["shots"]["2"]["runs"][0]["fingerprint"]
+
+
+def test_hf_datasets_folder_reads_classes_labels_and_pixels(tmp_path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = {split: [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(6)] for split in ("train", "test")}
+    features = Features({"img": ImageFeature(), "fine_label": ClassLabel(names=["owl", "cat", "dog"])})
+    DatasetDict({
+        split: Dataset.from_dict({"img": [Image.fromarray(a) for a in arrays[split]],
+                                  "fine_label": [i % 3 for i in range(6)]}, features=features)
+        for split in ("train", "test")
+    }).save_to_disk(str(tmp_path / "hf"))
+    train, test = load_splits(tmp_path / "hf", exclude_classes=["dog"])
+    assert train.classes == ["owl", "cat"] and train.labels == [0, 1, 0, 1] and test.class_counts() == [2, 2]
+    kept = [i for i in range(6) if i % 3 != 2]
+    assert np.array_equal(np.asarray(train.read(1)), arrays["train"][kept[1]])  # PNG round trip is lossless
+    assert np.array_equal(np.asarray(test.read(3)), arrays["test"][kept[3]])
