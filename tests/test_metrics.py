@@ -112,6 +112,23 @@ def test_example_case_file_shapes():
     assert sum(len(group) for group in refs) == 137
 
 
+def test_e2e_edge_case_matches_official_script(tmp_path):
+    # An empty output line, "|||" (METEOR's field separator), "£", quotes and a group of two
+    # references; the official measure_scores.py -p on these exact bytes printed (raw floats):
+    # BLEU 7.547373243020655e-05, NIST 1.8476748765582747, METEOR 0.27436343982782796,
+    # ROUGE_L 0.4921178421617403, CIDEr 1.439088609376941.
+    (tmp_path / "refs.txt").write_text(
+        'The Eagle is a pub.\nIt is a pub.\n\nCheap food, £20.\nLow prices\n\nA | B ||| C\nTwo refs here "quoted".\n\n',
+        encoding="utf-8",
+    )
+    (tmp_path / "hyps.txt").write_text("the eagle pub\n\nA ||| B c\n", encoding="utf-8")
+    scores = score_e2e(*load_pair(tmp_path / "refs.txt", tmp_path / "hyps.txt"))
+    official = {"BLEU": 7.547373243020655e-05, "NIST": 1.8476748765582747, "METEOR": 0.27436343982782796,
+                "ROUGE_L": 0.4921178421617403, "CIDEr": 1.439088609376941}
+    for name, value in official.items():
+        assert scores[name] == pytest.approx(value, rel=1e-12), name
+
+
 # --------------------------------------------------------------------------- hand-computed
 
 
@@ -165,6 +182,15 @@ def test_pymteval_nist_reference_information_weights():
     # Length: 5 output words vs average reference length 5 -> no penalty.
     nist = pymteval_nist([["a b c d e", "a c f g h"]], ["a b x y z"])
     assert nist == pytest.approx((math.log2(5) + math.log2(10)) / 5 + 1 / 4, rel=1e-12)
+
+
+def test_pymteval_nist_without_bigrams_does_not_crash():
+    # Documented difference 1: one-word outputs leave no bigram in the corpus; the official script
+    # divides by zero there, we count that order's length as 1 (its hit information is 0 anyway).
+    # hyp "a", ref "a b": info(a) = log2(2 ref words / 1) = 1 over 1 unigram; output 1 word vs
+    # reference 2 -> ratio 0.5 -> penalty exp(-beta * ln(0.5)^2).
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    assert pymteval_nist([["a b"]], ["a"]) == pytest.approx(math.exp(-beta * math.log(0.5) ** 2), rel=1e-12)
 
 
 def test_multi_bleu_detok_is_case_sensitive_and_zero_without_4gram_match():
