@@ -366,7 +366,7 @@ def predict_top1(trainer, dataset: TransformedImages) -> float:
     output = trainer.predict(dataset)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     labels = np.asarray(dataset.images.labels)
-    return float((np.asarray(logits).argmax(-1) == labels).mean() * 100.0)
+    return round(float((np.asarray(logits).argmax(-1) == labels).mean() * 100.0), 6)
 
 
 def train_and_score(cfg: VisionConfig, base_model, method: str, train_set: TransformedImages,
@@ -406,7 +406,7 @@ def nearest_neighbour_top1(train_features, train_labels, test_features, test_lab
     """Top-1 (percent) of 1-nearest-neighbour by cosine similarity (features already L2-normalised)."""
     nearest = (test_features @ train_features.T).argmax(dim=1).numpy()
     predicted = np.asarray(train_labels)[nearest]
-    return float((predicted == np.asarray(test_labels)).mean() * 100.0)
+    return round(float((predicted == np.asarray(test_labels)).mean() * 100.0), 6)
 
 
 # --------------------------------------------------------------------------------------------------------------------
