@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import threading
@@ -191,7 +192,7 @@ def _check_inputs(references: Sequence[Sequence[str]], hypotheses: Sequence[str]
     for i, group in enumerate(references):
         if not group:
             raise MetricsInputError(f"reference group {i} is empty; every input needs a reference")
-        _check_no_line_breaks(group, f"reference of input {i}:")
+        _check_no_line_breaks(group, f"input {i}, reference")
         if any(not ref.strip() for ref in group):
             raise MetricsInputError(
                 f"reference group {i} holds an empty reference, which the E2E file format cannot hold"
@@ -434,21 +435,24 @@ def score_e2e(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) ->
 # WebNLG GenerationEval (BLEU, METEOR, TER)
 # ----------------------------------------------------------------------------------------------
 
-_SENTENCE_SPLITTER = None
+_NLTK_TOKENIZERS = None
 
 
-def _nltk_word_tokenize(text: str) -> list[str]:
-    """``nltk.word_tokenize``; with NLTK's punkt model missing, Punkt untrained (see docstring)."""
-    global _SENTENCE_SPLITTER
-    try:
-        import nltk
-        from nltk.tokenize import NLTKWordTokenizer
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the WebNLG/DART metrics tokenize like GenerationEval with NLTK: `pip install nltk`") from exc
-    if _SENTENCE_SPLITTER is None:
+def _nltk_tokenizers():
+    """(sentence splitter, word tokenizer) that make up ``nltk.word_tokenize``, built once."""
+    global _NLTK_TOKENIZERS
+    if _NLTK_TOKENIZERS is None:
+        try:
+            import nltk
+            from nltk.tokenize import NLTKWordTokenizer
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("the WebNLG/DART metrics tokenize like GenerationEval with NLTK: `pip install nltk`") from exc
         try:
             nltk.data.find("tokenizers/punkt_tab/english/")
-            _SENTENCE_SPLITTER = lambda s: nltk.sent_tokenize(s, language="english")  # noqa: E731
+
+            def split_sentences(text: str) -> list[str]:
+                return nltk.sent_tokenize(text, language="english")
+
         except LookupError:
             warnings.warn(
                 "NLTK's punkt_tab model is not installed; WebNLG METEOR/TER split sentences with an "
@@ -457,18 +461,15 @@ def _nltk_word_tokenize(text: str) -> list[str]:
             )
             from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-            _SENTENCE_SPLITTER = PunktSentenceTokenizer().tokenize
-    return [tok for sentence in _SENTENCE_SPLITTER(text) for tok in _word_tokenizer(NLTKWordTokenizer).tokenize(sentence)]
+            split_sentences = PunktSentenceTokenizer().tokenize
+        _NLTK_TOKENIZERS = (split_sentences, NLTKWordTokenizer())
+    return _NLTK_TOKENIZERS
 
 
-_WORD_TOKENIZER = None
-
-
-def _word_tokenizer(factory):
-    global _WORD_TOKENIZER
-    if _WORD_TOKENIZER is None:
-        _WORD_TOKENIZER = factory()
-    return _WORD_TOKENIZER
+def nltk_word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize`` as GenerationEval calls it (offline: see difference 4 above)."""
+    split_sentences, word_tokenizer = _nltk_tokenizers()
+    return [token for sentence in split_sentences(text) for token in word_tokenizer.tokenize(sentence)]
 
 
 _TER = None
@@ -507,12 +508,12 @@ def score_webnlg(
     for i, group in enumerate(references):
         if not group:
             raise MetricsInputError(f"reference group {i} is empty; every input needs a reference")
-        _check_no_line_breaks(group, f"reference of input {i}:")
+        _check_no_line_breaks(group, f"input {i}, reference")
 
     bleu = multi_bleu_detok(references, hypotheses)
 
-    hyps_tok = [" ".join(_nltk_word_tokenize(hyp)) for hyp in hypotheses]
-    refs_tok = [[" ".join(_nltk_word_tokenize(ref)) for ref in group] for group in references]
+    hyps_tok = [" ".join(nltk_word_tokenize(hyp)) for hyp in hypotheses]
+    refs_tok = [[" ".join(nltk_word_tokenize(ref)) for ref in group] for group in references]
 
     meteor = _meteor()
     # pycocoevalcap's Meteor asserts one hypothesis per input while holding its lock; a failed assert
@@ -534,8 +535,6 @@ def lora_postprocess(text: str, tokenize: bool = True, lower: bool = True) -> st
     Lowercases, then puts spaces around every non-word character. LoRA (and NOLA, which reuses its
     scripts) apply it to both sides before writing the files the official scorers read.
     """
-    import re
-
     if lower:
         text = text.lower()
     if tokenize:

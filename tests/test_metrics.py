@@ -4,7 +4,14 @@ Golden values: printed by the official E2E script, ``measure_scores.py -p REFS H
 tuetschek/e2e-metrics (pymteval.py as published; pycocoevalcap 1.2's tokenizer/METEOR/ROUGE/CIDEr
 and jars in place of its vendored Python-2-era copy), run from a scratch directory outside this
 repository on shared/data/e2e-metrics-cases. The full-precision repr() of each score is pinned
-too; the official script prints 4 decimals.
+too; the official script prints 4 decimals. Python-3 fixes in that scratch copy: a two-line
+``past.utils.old_div`` shim (the ``future`` package is not installed), ``COCO.loadRes(anns)``
+instead of the vendored ``loadRes(resData=...)``, and the vendored ``pycocoevalcap/eval.py``
+(METEOR, ROUGE_L, CIDEr only) ported to print().
+
+WebNLG/DART golden values: WebNLG GenerationEval ``eval.py -nr 3 -m bleu,meteor,ter`` (scratch copy,
+Perl multi-bleu-detok.perl from moses, METEOR 1.5 jar, pyter 0.3, NLTK 3.10.4) on a case built from
+LoRA's DART references (``_dart_case`` below).
 """
 
 from __future__ import annotations
