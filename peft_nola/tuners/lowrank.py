@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -29,6 +30,8 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
     _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
@@ -36,6 +39,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftT
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ..checks import check_adapter_dir, check_loaded_tensors
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
@@ -117,6 +122,28 @@ class LowRankConfig(PeftConfig):
             raise ValueError(f"bias must be one of {allowed_bias}, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not: set both or neither")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        # Called by PeftModel.from_pretrained before anything else: the adapter's files are checked here, before a
+        # model is touched.
+        path = Path(pretrained_model_name_or_path) / (subfolder or "")
+        if path.is_dir():
+            check_adapter_dir(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # peft drops unknown keys with a warning (forward compatibility); a key this version does not know could
+        # change what the adapter computes, so here it is an error.
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has keys {cls.__name__} does not know: {unknown}. The adapter was saved by "
+                f"another peft-nola version, or the file was edited; remove the keys or use that version."
+            )
+        return super().check_kwargs(**kwargs)
 
 
 def validate_output_slices(output_slices: Optional[dict]) -> None:
@@ -424,6 +451,14 @@ class LowRankTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        check_loaded_tensors(expected, remapped, cls.prefix)
+        return remapped
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
         """Extra keyword arguments the method's layer needs (e.g. a shared basis store)."""
