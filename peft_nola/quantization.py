@@ -4,7 +4,8 @@ NOLA stores an adapter as a seed plus coefficients, so quantizing the coefficien
 further while the basis and the base model stay in full precision. Two ways in:
 
 * post-training quantization (PTQ): :func:`quantize_coefficients` rounds a trained adapter's coefficients in place;
-  :func:`quantize_lora` does the same to peft LoRA's ``lora_A``/``lora_B`` weights, for the paper's comparison;
+  :func:`quantize_lora` does the same to peft LoRA's ``lora_A``/``lora_B`` weights, for the paper's comparison
+  (and :func:`lora_quantization_aware` gives LoRA quantization-aware training);
 * quantization-aware training (QAT): ``NolaConfig(coefficient_bits=b, quantization_aware=True)``; the forward pass
   uses the quantized coefficients, the optimizer updates full-precision shadow coefficients, and gradients pass the
   rounding unchanged (a straight-through estimator, :func:`fake_quantize`).
@@ -17,16 +18,20 @@ Scheme (per tensor, i.e. per adapted layer and factor; one ``scale`` and one ``o
   ``2**bits`` codes;
 * ``"symmetric"``: ``[-max|x|, max|x|]`` with ``2**bits - 1`` codes centred on an exact zero (3 levels at 2 bits).
 
-Affine is the default because it was measured better at 2 and 3 bits on both NOLA and LoRA adapters
-(``scripts/quant_compare.py``; the coefficients are not exactly symmetric, and at 2 bits symmetric has 3 levels
-instead of 4) and no worse at 4-8 bits. Including 0 in the range changes nothing for trained coefficients, which
-straddle zero, and keeps every dequantized value exact (below).
+Affine is the default because of the 2-bit results of ``scripts/quant_compare.py`` (tiny GPT-2 on E2E, held-out
+loss on reference tokens): with only 3 levels, symmetric 2-bit PTQ lost most of the adapters' gain (+1.26 nats for
+NOLA, +0.91 for LoRA, against +0.06 and +0.02 with affine), while at 3-8 bits the two schemes stayed within
+0.005 nats of each other. Including 0 in the range changes nothing for trained coefficients, which straddle zero,
+and keeps every dequantized value exact (below). Per tensor (not per block or per row) because the header then
+costs 48 bytes per adapted layer and factor, which is small next to its ``k`` or ``l`` coefficients.
 
 Exactness. ``scale`` is rounded up to 16 significant bits and ``offset`` to a multiple of ``scale``'s last bit, so
 ``offset + code * scale`` is computed without rounding in float32 (every term is an integer below ``2**24`` times
 one power of two). Hence quantizing dequantized values gives back the same codes, scale and offset: saving a
-PTQ-quantized or QAT-trained adapter re-quantizes nothing, and a loaded packed adapter reproduces the in-memory
-quantized model bit for bit. Rounding the scale up costs a relative ``2**-16`` of resolution.
+PTQ-quantized or QAT-trained adapter re-quantizes it to the identical values, and a loaded packed adapter
+reproduces the in-memory quantized model bit for bit (for float32 coefficients, the adapters' default; a model
+cast to bfloat16 rounds the dequantized values again). Rounding the scale up costs a relative ``2**-16`` of
+resolution.
 
 Storage. Codes are packed LSB-first into ``ceil(numel * bits / 8)`` bytes (:func:`pack_codes`), stored as a uint8
 tensor under the coefficient's own key (e.g. ``...c_attn.nola_coef_A``), next to a float64 header tensor
@@ -273,33 +278,79 @@ def quantize_coefficients(
     return {"bits": bits, "scheme": scheme, "tensors": tensors, "coefficients": coefficients, "max_abs_error": max_error}
 
 
+class _FakeQuantize(torch.nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: the weight seen by the forward pass is quantized."""
+
+    def __init__(self, bits: int, scheme: str):
+        super().__init__()
+        self.bits, self.scheme = bits, scheme
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, self.bits, self.scheme)
+
+
+def _lora_factors(model: torch.nn.Module, adapter_name: str) -> list[torch.nn.Module]:
+    factors = []
+    for module in model.modules():
+        for name in ("lora_A", "lora_B"):
+            container = getattr(module, name, None)
+            if isinstance(container, torch.nn.ModuleDict) and adapter_name in container:
+                factors.append(container[adapter_name])
+    if not factors:
+        raise ValueError(f"found no lora_A/lora_B weights of an adapter named {adapter_name!r}")
+    return factors
+
+
+def lora_quantization_aware(
+    model: torch.nn.Module, bits: int, adapter_name: str = "default", scheme: str = DEFAULT_SCHEME
+) -> int:
+    """Quantization-aware training for a peft LoRA adapter (the NOLA paper's quantized-LoRA baseline).
+
+    Registers a parametrization on every ``lora_A``/``lora_B`` weight of ``adapter_name``: the forward pass uses
+    the ``bits``-bit quantized weight (per tensor, ``scheme``), the optimizer updates the full-precision weight
+    (``...parametrizations.weight.original``), and gradients pass the rounding unchanged. Call
+    :func:`quantize_lora` with the same ``bits`` after training: it removes the parametrizations, leaving the
+    quantized weights as plain tensors that peft saves as usual. Returns the number of weights parametrized.
+    """
+    from torch.nn.utils import parametrize
+
+    bits = validate_bits(bits)
+    validate_scheme(scheme)
+    factors = _lora_factors(model, adapter_name)
+    for factor in factors:
+        if parametrize.is_parametrized(factor, "weight"):
+            raise ValueError("this LoRA adapter is already quantization-aware; call quantize_lora to finish first")
+        parametrize.register_parametrization(factor, "weight", _FakeQuantize(bits, scheme))
+    return len(factors)
+
+
 def quantize_lora(
     model: torch.nn.Module, bits: int, adapter_name: str = "default", scheme: str = DEFAULT_SCHEME
 ) -> dict:
     """Post-training fake-quantization of a peft LoRA adapter, in place: every ``lora_A``/``lora_B`` weight of
     ``adapter_name`` becomes its ``bits``-bit quantized values (per weight tensor, same scheme as NOLA's
     coefficients). The weights stay float tensors, so the adapter saves and loads as an ordinary LoRA adapter; this
-    is for measuring quantized LoRA (the NOLA paper's LoRA-vs-NOLA comparison), not for storage.
+    is for measuring quantized LoRA (the NOLA paper's LoRA-vs-NOLA comparison), not for storage. On an adapter made
+    quantization-aware by :func:`lora_quantization_aware` it first replaces the full-precision shadows by the
+    quantized weights the forward pass used, and removes the parametrizations.
 
     Returns:
         ``{"bits", "scheme", "tensors", "parameters", "max_abs_error"}``.
     """
+    from torch.nn.utils import parametrize
+
     bits = validate_bits(bits)
     validate_scheme(scheme)
     tensors = parameters = 0
     max_error = 0.0
-    with torch.no_grad():
-        for module in model.modules():
-            for factor in ("lora_A", "lora_B"):
-                container = getattr(module, factor, None)
-                if not isinstance(container, torch.nn.ModuleDict) or adapter_name not in container:
-                    continue
-                weight = container[adapter_name].weight
-                quantized = dequantize(quantize(weight, bits, scheme)).to(weight.dtype)
-                max_error = max(max_error, float((quantized.float() - weight.float()).abs().max()))
-                weight.copy_(quantized)
-                tensors += 1
-                parameters += weight.numel()
-    if tensors == 0:
-        raise ValueError(f"quantize_lora found no lora_A/lora_B weights of an adapter named {adapter_name!r}")
+    for factor in _lora_factors(model, adapter_name):
+        if parametrize.is_parametrized(factor, "weight"):
+            parametrize.remove_parametrizations(factor, "weight", leave_parametrized=True)
+        weight = factor.weight
+        with torch.no_grad():
+            quantized = dequantize(quantize(weight, bits, scheme)).to(weight.dtype)
+            max_error = max(max_error, float((quantized.float() - weight.float()).abs().max()))
+            weight.copy_(quantized)
+        tensors += 1
+        parameters += weight.numel()
     return {"bits": bits, "scheme": scheme, "tensors": tensors, "parameters": parameters, "max_abs_error": max_error}

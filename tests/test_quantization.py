@@ -18,6 +18,7 @@ from peft_nola.quantization import (
     SCHEMES,
     dequantize,
     fake_quantize,
+    lora_quantization_aware,
     pack_codes,
     pack_tensor,
     quantize,
@@ -301,5 +302,28 @@ def test_quantize_lora_puts_each_factor_on_a_grid(bits, token_ids):
             assert float((param.detach() - x).abs().max()) <= 0.5 * step * (1 + 1e-4)
     with torch.no_grad():
         assert not torch.equal(model(token_ids).logits, before)
-    with pytest.raises(ValueError, match="no lora_A/lora_B weights of an adapter named 'other'"):
+    with pytest.raises(ValueError, match="found no lora_A/lora_B weights of an adapter named 'other'"):
         quantize_lora(model, bits, adapter_name="other")
+
+
+def test_lora_quantization_aware_training_then_bake(token_ids):
+    config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(tiny_gpt2(), config)
+    # Reference: a plain LoRA model holding the quantized weights.
+    plain = get_peft_model(tiny_gpt2(), config)
+    plain.load_state_dict(model.state_dict())
+    quantize_lora(plain, 3)
+    assert lora_quantization_aware(model, 3) == 4
+    shadows = {n: p for n, p in model.named_parameters() if n.endswith("parametrizations.weight.original")}
+    assert len(shadows) == 4 and all(p.requires_grad for p in shadows.values())
+    out, expected = model(token_ids).logits, plain(token_ids).logits
+    assert torch.equal(out, expected)
+    out.pow(2).mean().backward()
+    expected.pow(2).mean().backward()
+    plain_grads = [p.grad for n, p in plain.named_parameters() if "lora_" in n]
+    for grad, reference in zip([p.grad for p in shadows.values()], plain_grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-8)
+    quantize_lora(model, 3)  # bake: plain weights again, holding what the forward pass used
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(token_ids).logits, expected)
