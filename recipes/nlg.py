@@ -432,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "method": cfg.method,
         "row_label": row_label(cfg),
         "dataset": cfg.dataset,
-        "model": cfg.model_name_or_path if cfg.model_config is None else f"random init {cfg.model_config}",
+        "model": cfg.model_name_or_path if cfg.model_config is None
+        else f"random-init {cfg.model_config.get('model_type', '?')}",
         "trainable_params": int(trainable),
         "adapter_bytes": int(adapter_bytes),
         "metrics": metrics,

@@ -83,12 +83,16 @@ def plot_params_vs_bleu(results: list[dict], path: Path) -> None:
                              if _model_name(r) == model)
                 ax.plot([p for p, _ in pts], [b for _, b in pts], marker=marker, color=color, linestyle="-",
                         label=f"{label} ({Path(model).name})")
+                for r in runs:
+                    if _model_name(r) == model:
+                        ax.annotate(r["row_label"], (r["trainable_params"], scale * r["metrics"]["BLEU"]),
+                                    textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("BLEU")
         ax.set_title(DATASET_TITLES.get(dataset, dataset))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
