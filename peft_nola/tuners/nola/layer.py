@@ -31,6 +31,42 @@ class BasisSpec:
     streams_B: tuple[str, ...]
 
 
+def rows_times_basis(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``rows (M, k) @ basis (k, n)``, computed so that each row's result does not depend on M.
+
+    BLAS sums a single row (GEMV) in another order than several rows (GEMM); pairing a lone row with a copy of itself
+    keeps it on the GEMM path. This is what makes one product over all layers that share a basis bit-identical to
+    computing each layer on its own (tests/test_nola_fast_path.py).
+    """
+    if rows.shape[0] == 1:
+        return (torch.cat([rows, rows]) @ basis)[:1]
+    return rows @ basis
+
+
+def grads_times_basis(grads: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``grads (M, n) @ basis.T -> (M, k)``, with the same row-count independence as :func:`rows_times_basis`."""
+    if grads.shape[0] == 1:
+        return (basis @ torch.cat([grads, grads]).T).T[:1]
+    return (basis @ grads.T).T
+
+
+class _BasisCombination(torch.autograd.Function):
+    """``rows @ basis`` with the gradient for ``rows`` only.
+
+    The basis is kept as a plain attribute, not a saved tensor, so the node can be traversed by several backward
+    passes (one cached combination serves every micro-batch of a step, and reentrant checkpointing re-enters it).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        ctx.basis = basis
+        return rows_times_basis(rows, basis)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grads_times_basis(grad.contiguous(), ctx.basis), None
+
+
 class _OnTheFlyCombination(torch.autograd.Function):
     """``coef @ basis`` for one stream, generating the basis in chunks in forward and again in backward.
 
@@ -59,6 +95,80 @@ def _chunks(seed: int, stream: str, num_basis: int, numel: int, device, dtype):
         yield start, basis_rows(seed, stream, num_basis, numel, start, end, device=device).to(dtype)
 
 
+class SharedBasisCombiner:
+    """Computes the factors of a model's NOLA layers, one product per basis during each forward pass of the model.
+
+    The combination ``coefficients @ basis`` is memory-bound: done layer by layer, every layer reads the whole basis
+    it shares with the others. While the model's forward runs (``begin``/``end`` are called by hooks on the model),
+    the first layer that needs factors triggers the combination for every layer of that adapter, with the coefficient
+    rows of all layers sharing a basis stacked into one product, so each basis is read once per forward. Outside a
+    forward (merging, checkpoint recomputation during backward, a layer called on its own) each layer is combined on
+    its own, which gives bit-identical factors (:func:`rows_times_basis`).
+    """
+
+    def __init__(self, store: BufferDict):
+        self.store = store
+        self.layers: dict[str, list[NolaLayer]] = {}
+        self.depth = 0
+        self.cache: dict[tuple[str, bool], dict] = {}
+
+    def begin(self, *args, **kwargs) -> None:
+        self.depth += 1
+
+    def end(self, *args, **kwargs) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.cache.clear()  # the autograd graph keeps what backward needs
+
+    def register(self, layer: "NolaLayer", adapter_name: str) -> None:
+        self.layers.setdefault(adapter_name, []).append(layer)
+
+    def unregister(self, layer: "NolaLayer", adapter_name: str) -> None:
+        self.layers[adapter_name] = [other for other in self.layers.get(adapter_name, []) if other is not layer]
+
+    def factors(self, layer: "NolaLayer", adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down_flat (S, numel_A), up_flat (S, numel_B))`` of ``layer`` for ``adapter_name``."""
+        if self.depth == 0:
+            return self._combine([layer], adapter_name)[id(layer)]
+        key = (adapter_name, torch.is_grad_enabled())
+        if key not in self.cache:
+            self.cache[key] = self._combine(self.layers.get(adapter_name, []), adapter_name)
+        return self.cache[key][id(layer)]
+
+    def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """The basis of ``stream`` from the store, generated on first use in float32 and cast once."""
+        key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{like.dtype}")
+        if key not in self.store or self.store[key].device != like.device:
+            self.store[key] = basis_rows(seed, stream, num_basis, numel, device=like.device).to(like.dtype)
+        return self.store[key]
+
+    def _combine(self, layers: list["NolaLayer"], adapter_name: str) -> dict:
+        groups: dict[tuple, list] = {}  # one basis -> [(layer id, factor, block, coefficient row (1, k))]
+        counts = {}
+        for layer in layers:
+            spec = layer.basis_spec[adapter_name]
+            coefficients = layer._effective_coefficients(adapter_name)
+            for factor, coef, streams, numel in zip("AB", coefficients, (spec.streams_A, spec.streams_B),
+                                                    (spec.numel_A, spec.numel_B)):
+                counts[id(layer), factor] = coef.shape[0]
+                for block, stream in enumerate(streams):
+                    key = (spec.seed, stream, coef.shape[1], numel, coef.device, coef.dtype)
+                    groups.setdefault(key, []).append((id(layer), factor, block, coef[block : block + 1]))
+        rows_of = {}
+        for (seed, stream, num_basis, numel, _, _), members in groups.items():
+            stacked = torch.cat([row for *_, row in members])
+            combined = _BasisCombination.apply(stacked, self.basis(seed, stream, num_basis, numel, stacked))
+            for (layer_id, factor, block, _), row in zip(members, combined.split(1)):
+                rows_of[layer_id, factor, block] = row
+        return {
+            id(layer): tuple(
+                torch.cat([rows_of[id(layer), factor, block] for block in range(counts[id(layer), factor])])
+                for factor in "AB"
+            )
+            for layer in layers
+        }
+
+
 class NolaLayer(LowRankLayer):
     """A base layer with NOLA adapters: factors are coefficient-weighted sums of a seeded random basis."""
 
@@ -76,9 +186,9 @@ class NolaLayer(LowRankLayer):
     def _rank_and_scale(self, config: NolaConfig) -> tuple[int, float, float]:
         return config.r, config.nola_alpha / config.r, config.nola_dropout
 
-    def _create_adapter(self, adapter_name, config: NolaConfig, block_shape, basis_store: BufferDict, **kwargs):
-        # The store is shared by every layer and owned (registered) by the model; plain attribute, not a submodule.
-        object.__setattr__(self, "_basis_store", basis_store)
+    def _create_adapter(self, adapter_name, config: NolaConfig, block_shape, combiner: SharedBasisCombiner, **kwargs):
+        # One combiner per model, shared by its layers; its basis store is a submodule of the model, not of each layer.
+        self._combiner = combiner
         block_rows, cols = block_shape
         r, k, l = config.r, config.num_basis_A, config.num_basis_B
         _, adapt = self.output_slices[adapter_name]
@@ -103,35 +213,30 @@ class NolaLayer(LowRankLayer):
         self.coefficient_quantization[adapter_name] = (
             (config.coefficient_bits, config.quantization_scheme) if config.quantization_aware else None
         )
+        combiner.register(self, adapter_name)
 
-    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.basis_spec[adapter_name]
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._combiner.unregister(self, adapter_name)
+        super().delete_adapter(adapter_name)
+
+    def _effective_coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(α, β)`` as the forward pass sees them: quantized for quantization-aware adapters (the parameters are
+        then their full-precision shadows)."""
         coef_A, coef_B = self.nola_coef_A[adapter_name], self.nola_coef_B[adapter_name]
         quantization = self.coefficient_quantization.get(adapter_name)
         if quantization is not None:
-            # QAT: the parameters are the full-precision shadows; the forward pass sees their quantized values
             coef_A, coef_B = fake_quantize(coef_A, *quantization), fake_quantize(coef_B, *quantization)
-        down = self._combine(coef_A, spec, spec.streams_A, spec.numel_A).view(coef_A.shape[0], spec.numel_A // self.cols, self.cols)
-        up_flat = self._combine(coef_B, spec, spec.streams_B, spec.numel_B)
-        up = up_flat.view(coef_B.shape[0], spec.numel_B // down.shape[1], down.shape[1])
-        return down, up
+        return coef_A, coef_B
 
-    def _combine(self, coef: torch.Tensor, spec: BasisSpec, streams: tuple[str, ...], numel: int) -> torch.Tensor:
-        """``coef (S, n_basis) -> (S, numel)``: each block's coefficient-weighted sum of its basis."""
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.basis_spec[adapter_name]
         if spec.mode == "per_layer":
-            return torch.stack(
-                [_OnTheFlyCombination.apply(coef[i], spec.seed, stream, numel) for i, stream in enumerate(streams)]
+            coefficients = self._effective_coefficients(adapter_name)
+            down, up = (
+                torch.stack([_OnTheFlyCombination.apply(coef[i], spec.seed, stream, numel) for i, stream in enumerate(streams)])
+                for coef, streams, numel in zip(coefficients, (spec.streams_A, spec.streams_B), (spec.numel_A, spec.numel_B))
             )
-        if len(set(streams)) == 1:
-            return coef @ self._cached_basis(spec.seed, streams[0], coef.shape[1], numel, coef)
-        return torch.stack(
-            [coef[i] @ self._cached_basis(spec.seed, stream, coef.shape[1], numel, coef) for i, stream in enumerate(streams)]
-        )
-
-    def _cached_basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """The basis of ``stream`` from the model's store, generated on first use in float32 and cast once."""
-        key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{like.dtype}")
-        store = self._basis_store
-        if key not in store or store[key].device != like.device:
-            store[key] = basis_rows(seed, stream, num_basis, numel, device=like.device).to(like.dtype)
-        return store[key]
+        else:
+            down, up = self._combiner.factors(self, adapter_name)
+        num_blocks, r = down.shape[0], spec.numel_A // self.cols
+        return down.view(num_blocks, r, self.cols), up.view(num_blocks, spec.numel_B // r, r)

@@ -8,7 +8,7 @@ from ...basis import generator_fingerprint, layout_fingerprint
 from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
 from ..lowrank import LowRankTuner, is_supported, matrix_shape, resolve_slices
 from .config import NolaConfig
-from .layer import NolaLayer
+from .layer import NolaLayer, SharedBasisCombiner
 
 
 class NolaModel(LowRankTuner):
@@ -26,9 +26,21 @@ class NolaModel(LowRankTuner):
     def _pre_injection_hook(self, model: nn.Module, config: NolaConfig, adapter_name: str) -> None:
         if "nola_basis" not in self._modules:
             self.nola_basis = BufferDict({}, persistent=False)
+            self.nola_combiner = SharedBasisCombiner(self.nola_basis)
+            # Mark each forward of the model (also every step of generate) so layers sharing a basis are combined
+            # in one product per forward; always_call ends the span even when the forward raises.
+            self._combiner_hooks = [
+                model.register_forward_pre_hook(self.nola_combiner.begin),
+                model.register_forward_hook(self.nola_combiner.end, always_call=True),
+            ]
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        for handle in self._combiner_hooks:
+            handle.remove()  # the returned base model must not keep the basis store alive
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
-        return {"basis_store": self.nola_basis}
+        return {"combiner": self.nola_combiner}
 
     def _check_targets(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
         super()._check_targets(config, targets)
