@@ -229,6 +229,23 @@ def generate(model, tokenizer, cfg: NLGConfig, sources: Sequence[str], desc: str
     return outputs
 
 
+def generate_sharded(model, tokenizer, cfg: NLGConfig, sources: Sequence[str], desc: str = "decoding") -> list[str]:
+    """:func:`generate` split across the processes of ``torchrun`` / ``accelerate launch`` (each takes every n-th
+    input); every process gets all outputs back in input order. One process: plain :func:`generate`."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return generate(model, tokenizer, cfg, sources, desc)
+    mine = list(range(state.process_index, len(sources), state.num_processes))
+    outputs = generate(model, tokenizer, cfg, [sources[i] for i in mine], f"{desc} [rank {state.process_index}]")
+    ordered: list[str | None] = [None] * len(sources)
+    for index, text in gather_object(list(zip(mine, outputs))):
+        ordered[index] = text
+    return ordered  # type: ignore[return-value]
+
+
 def _metrics_module():
     try:
         from recipes import metrics
@@ -363,7 +380,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.padding_side = "right"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     sources = [ex.source for ex in test]
     base_metrics: dict[str, float] = {}
@@ -390,13 +406,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fp16=cfg.fp16,
         report_to=cfg.report_to,
         remove_unused_columns=False,
-        use_cpu=device == "cpu",
+        ddp_find_unused_parameters=False,  # every trainable parameter is used in every forward
+        use_cpu=not torch.cuda.is_available(),
     )
     is_main = train_args.process_index == 0
-    if cfg.evaluate_base and is_main:
-        model.to(device)
-        base_predictions = generate(model, tokenizer, cfg, sources, desc="decoding (base model)")
-        base_metrics = score(cfg.dataset, test, base_predictions, cfg.score_tokenize_lower)
+    if cfg.evaluate_base:
+        model.to(train_args.device)
+        base_predictions = generate_sharded(model, tokenizer, cfg, sources, desc="decoding (base model)")
+        if is_main:
+            base_metrics = score(cfg.dataset, test, base_predictions, cfg.score_tokenize_lower)
 
     model = apply_method(model, cfg)
     trainable = count_trainable_parameters(model)
@@ -409,13 +427,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     resume = cfg.resume_from_checkpoint
     resume = True if resume in ("true", "True") else resume
     train_output = trainer.train(resume_from_checkpoint=resume)
-    trainer.accelerator.wait_for_everyone()
+    model = trainer.model
+    predictions = generate_sharded(model, tokenizer, cfg, sources, desc="decoding (adapted model)")
     if not is_main:
         return {}
 
-    model = trainer.model
     adapter_bytes = save_adapter(model, out / "adapter")
-    predictions = generate(model, tokenizer, cfg, sources, desc="decoding (adapted model)")
     metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for i, (ex, hyp) in enumerate(zip(test, predictions)):
@@ -447,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
         "decoding": {k: getattr(cfg, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
                                                    "max_new_tokens", "stop_at_newline")},
-        "device": device,
+        "device": str(train_args.device),
+        "processes": train_args.world_size,
     }
     rows = [paper_row(results, cfg.dataset)]
     if base_metrics:
