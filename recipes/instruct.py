@@ -185,6 +185,11 @@ def _device_map():
     return "auto"
 
 
+def _drop_cpu_cast_notice(record: logging.LogRecord) -> bool:
+    """On CPU bitsandbytes casts fp32 inputs to fp16 in every 8-bit matmul and logs that on every call."""
+    return "inputs will be cast" not in record.getMessage()
+
+
 def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "float32",
                     converted_model_dir: str | None = None):
     """``(model, tokenizer)`` with the base weights in 8-bit, 4-bit NF4 (bitsandbytes) or full precision.
@@ -203,6 +208,7 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise RecipeError(f"quantization '{quantization}' needs bitsandbytes: pip install bitsandbytes") from None
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cpu_cast_notice)
     torch_dtype = getattr(torch, dtype)
     if quantization == "8bit":
         bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False)
@@ -338,10 +344,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.time()
     config = common.load_config(InstructConfig, argv)
     validate_config(config)
-    # On CPU bitsandbytes casts fp32 inputs to fp16 in every 8-bit matmul and logs it on every call.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-        lambda record: "inputs will be cast" not in record.getMessage())
-
     # Data first: a bad file fails in seconds, not after loading a 70B model.
     data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
     mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
