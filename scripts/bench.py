@@ -83,12 +83,14 @@ def train_step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def bench_shape(name: str, shape: Shape, rank: int, num_basis: int, reps: int, warmup: int) -> list[dict]:
+def bench_shape(name: str, shape: Shape, rank: int, num_basis: int, reps: int, warmup: int, methods=None) -> list[dict]:
     torch.manual_seed(0)
     base = AutoModel.from_config(shape.config)
     batch = make_batch(shape, torch.Generator().manual_seed(0))
     runs = {}
     for method, config in method_configs(shape, rank, num_basis).items():
+        if methods and method not in methods and not method.startswith("lora"):
+            continue
         model = get_peft_model(copy.deepcopy(base), config)
         params = [p for p in model.parameters() if p.requires_grad]
         runs[method] = (model, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
@@ -120,6 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_basis", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (LoRA at the same rank always runs: it is the baseline)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))
     args = parser.parse_args(argv)
     selected = args.shapes or (["gpt2-tiny-qv"] if args.quick else ["gpt2-medium-qv", "gpt2-large-qv"])
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(True)
     rows = []
     for name in selected:
-        rows += bench_shape(name, shapes()[name], args.rank, args.num_basis, reps, args.warmup)
+        rows += bench_shape(name, shapes()[name], args.rank, args.num_basis, reps, args.warmup, args.methods)
     header = "| shape | method | trainable params | step (ms, median) | ratio vs LoRA (median of paired) | basis MB |"
     print(header + "\n|" + "---|" * 6)
     for row in rows:

@@ -84,6 +84,20 @@ def train_with_trainer(model, output_dir, learning_rate: float, epochs: int = 6)
     return before, mean_loss()
 
 
+def assert_mixed_batch_matches_single_adapters(model, token_ids, names):
+    """Sample i run with ``adapter_names[i]`` in one batch equals it run alone with that adapter (or none)."""
+    with torch.no_grad():
+        mixed = model(token_ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    single = model(token_ids[i : i + 1]).logits
+            else:
+                model.set_adapter(name)
+                single = model(token_ids[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-6, rtol=0)
+
+
 def seeded(module_cls, seed: int = 0):
     torch.manual_seed(seed)
     return module_cls().eval()

@@ -16,7 +16,7 @@ from torch import nn
 import peft_nola
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer, basis_rows, uniform_stream
 
-from .conftest import TinyCNN, TinyMLP, seeded, tiny_gpt2, tiny_llama, tiny_vit, train_with_trainer
+from .conftest import assert_mixed_batch_matches_single_adapters, TinyCNN, TinyMLP, seeded, tiny_gpt2, tiny_llama, tiny_vit, train_with_trainer
 
 K, L, R = 40, 30, 4
 
@@ -279,17 +279,7 @@ def test_mixed_batch_equals_per_sample_outputs(token_ids):
     model = get_peft_model(tiny_gpt2(), gpt2_qv_config(init_weights=False), adapter_name="task1")
     model.add_adapter("task2", gpt2_qv_config(init_weights=False, basis_seed=9, r=2, basis_mode="per_layer"))
     model.eval()
-    names = ["task1", "__base__", "task2"]
-    with torch.no_grad():
-        mixed = model(token_ids, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(token_ids[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(token_ids[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-6, rtol=0)
+    assert_mixed_batch_matches_single_adapters(model, token_ids, ["task1", "__base__", "task2"])
     with pytest.raises(ValueError, match="Unknown adapter name"):
         model(token_ids, adapter_names=["task1", "task3", "task2"])
 

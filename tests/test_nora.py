@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from peft_nola import GPT2_QV_SLICES, NoraConfig, NoraLayer
 
-from .conftest import REPO_ROOT, TinyCNN, seeded, tiny_gpt2, tiny_llama, train_with_trainer
+from .conftest import assert_mixed_batch_matches_single_adapters, REPO_ROOT, TinyCNN, seeded, tiny_gpt2, tiny_llama, train_with_trainer
 
 R, INNER = 8, 2
 
@@ -160,17 +160,7 @@ def test_mixed_batch_equals_per_sample_outputs(token_ids):
     model = get_peft_model(tiny_gpt2(), qv_config(init_weights=False), adapter_name="task1")
     model.add_adapter("task2", qv_config(init_weights=False, r=4, inner_r=4, nora_alpha=1.0))
     model.eval()
-    names = ["task2", "task1", "__base__"]
-    with torch.no_grad():
-        mixed = model(token_ids, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(token_ids[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(token_ids[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-6, rtol=0)
+    assert_mixed_batch_matches_single_adapters(model, token_ids, ["task2", "task1", "__base__"])
 
 
 def test_bitsandbytes_8bit_base_uses_the_dequantized_weight(tmp_path, token_ids):

@@ -40,6 +40,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..basis import layout_fingerprint
 from ..checks import check_adapter_dir, check_loaded_tensors
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
@@ -108,6 +109,9 @@ class LowRankConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Name of the ModuleList holding the layers, e.g. 'layers' or 'h' (with layers_to_transform)."},
+    )
+    layout_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
     )
 
     def __post_init__(self):
@@ -409,13 +413,40 @@ class LowRankTuner(BaseTuner):
         super().inject_adapter(model, adapter_name, **kwargs)
 
     def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
-        """Validate the matched ``(key, base layer)`` pairs before injection; methods extend this."""
+        """Validate the matched ``(key, base layer)`` pairs before injection, and fill in or verify the layout
+        fingerprint, so that an adapter loaded onto a model with other layers is an error naming one of them."""
         for key, base_layer in targets:
             if not is_supported(base_layer):
                 raise TypeError(
                     f"{self.method_name} cannot adapt module '{key}' of type {type(base_layer).__name__}. "
                     f"Supported layer types: {SUPPORTED_LAYERS}. Remove it from target_modules."
                 )
+        if not targets:
+            return  # peft raises its own "target modules not found" error
+        entries = []
+        for key, base_layer in targets:
+            rows, cols = matrix_shape(base_layer)
+            splits, adapt = resolve_slices(peft_config.output_slices, key)
+            self._check_layer(peft_config, key, rows // splits, cols)
+            entries.append([key, rows, cols, splits, list(adapt), *self._layout_fields(peft_config)])
+        layout = layout_fingerprint(entries)
+        if peft_config.layout_fingerprint is not None and peft_config.layout_fingerprint != layout:
+            key, rows, cols = entries[0][:3]
+            raise ValueError(
+                f"This {self.method_name} adapter was made for a different model: its layout_fingerprint is "
+                f"{peft_config.layout_fingerprint!r}, but the {len(entries)} layers it targets here (e.g. '{key}' with "
+                f"a {rows}x{cols} weight) give {layout!r}. Load it onto the base model it was trained on "
+                f"(base_model_name_or_path={peft_config.base_model_name_or_path!r}); to start a new adapter from this "
+                f"config, set its fingerprints to None."
+            )
+        peft_config.layout_fingerprint = layout
+
+    def _check_layer(self, peft_config: PeftConfig, key: str, block_rows: int, cols: int) -> None:
+        """Method-specific checks of one targeted weight block of shape ``(block_rows, cols)``."""
+
+    def _layout_fields(self, peft_config: PeftConfig) -> list:
+        """Config values that change the adapter's tensor shapes, recorded in the layout fingerprint."""
+        return [peft_config.r]
 
     def _targeted_modules(self, model: nn.Module, peft_config: PeftConfig) -> list[tuple[str, nn.Module]]:
         """The ``(key, base layer)`` pairs ``peft_config`` will adapt, found with peft's own matcher."""

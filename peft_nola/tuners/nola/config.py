@@ -86,9 +86,6 @@ class NolaConfig(LowRankConfig):
     basis_fingerprint: Optional[str] = field(
         default=None, metadata={"help": "Set on creation: hash of the generator's output for basis_seed."}
     )
-    layout_fingerprint: Optional[str] = field(
-        default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
-    )
 
     def __post_init__(self):
         self.peft_type = PeftType.NOLA

@@ -50,9 +50,6 @@ class NoraConfig(LowRankConfig):
     weight_fingerprint: Optional[list] = field(
         default=None, metadata={"help": "Set on creation: identifies the base weights the factors come from."}
     )
-    layout_fingerprint: Optional[str] = field(
-        default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
-    )
 
     def __post_init__(self):
         self.peft_type = PeftType.NORA

@@ -4,9 +4,8 @@ import math
 
 from torch import nn
 
-from ...basis import layout_fingerprint
 from ...svd import weight_fingerprint
-from ..lowrank import LowRankTuner, matrix_shape, resolve_slices, weight_matrix
+from ..lowrank import LowRankTuner, weight_matrix
 from .config import NoraConfig
 from .layer import NoraLayer
 
@@ -30,32 +29,20 @@ class NoraModel(LowRankTuner):
                 "All NoRA adapters of a model must use the same store_outer_factors setting, got both True and False"
             )
 
+    def _check_layer(self, config: NoraConfig, key: str, block_rows: int, cols: int) -> None:
+        if config.r > min(block_rows, cols):
+            raise ValueError(
+                f"r={config.r} exceeds the rank of layer '{key}', whose weight (block) is {block_rows}x{cols}: "
+                f"choose r <= {min(block_rows, cols)} or leave this layer out of target_modules"
+            )
+
+    def _layout_fields(self, config: NoraConfig) -> list:
+        return [config.r, config.inner_r]
+
     def _check_targets(self, config: NoraConfig, targets: list[tuple[str, nn.Module]]) -> None:
         super()._check_targets(config, targets)
-        if not targets:
-            return  # peft raises its own "target modules not found" error
-        entries = []
-        for key, base_layer in targets:
-            rows, cols = matrix_shape(base_layer)
-            splits, adapt = resolve_slices(config.output_slices, key)
-            if config.r > min(rows // splits, cols):
-                raise ValueError(
-                    f"r={config.r} exceeds the rank of layer '{key}', whose weight (block) is {rows // splits}x{cols}: "
-                    f"choose r <= {min(rows // splits, cols)} or leave this layer out of target_modules"
-                )
-            entries.append([key, rows, cols, splits, list(adapt), config.r, config.inner_r])
-        layout = layout_fingerprint(entries)
-        if config.layout_fingerprint is not None and config.layout_fingerprint != layout:
-            key, rows, cols = entries[0][:3]
-            raise ValueError(
-                f"This NoRA adapter was made for a different model: its layout_fingerprint is "
-                f"{config.layout_fingerprint!r}, but the {len(entries)} layers it targets here (e.g. '{key}' with a "
-                f"{rows}x{cols} weight) give {layout!r}. Load it onto the base model it was trained on "
-                f"(base_model_name_or_path={config.base_model_name_or_path!r})."
-            )
-        config.layout_fingerprint = layout
-        if config.store_outer_factors:
-            return  # the adapter file holds U, Vᵀ and C₀: any model with these layer shapes is fine
+        if config.store_outer_factors or not targets:
+            return  # stored factors: any model with these layer shapes is fine
         weights = weight_fingerprint({key: weight_matrix(base_layer) for key, base_layer in targets})
         expected = config.weight_fingerprint
         if expected is not None and not all(
