@@ -296,7 +296,10 @@ def load_tokenizer(args: ModelArgs):
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(location)
         except OSError as exc:
-            raise RecipeError(f"cannot load tokenizer '{source.model_name_or_path}': {exc}") from None
+            raise RecipeError(
+                f"cannot load tokenizer '{source.model_name_or_path}': {' '.join(str(exc).split())} Without internet, "
+                f"pass a local directory with --model_name_or_path (or use {SMOLLM2_PACKAGE})."
+            ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -331,8 +334,8 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:
         raise RecipeError(
-            f"cannot load model '{args.model_name_or_path}': {exc}. Without internet, pass a local directory "
-            f"with --model_name_or_path (or use {SMOLLM2_PACKAGE})."
+            f"cannot load model '{args.model_name_or_path}': {' '.join(str(exc).split())} Without internet, pass a "
+            f"local directory with --model_name_or_path (or use {SMOLLM2_PACKAGE})."
         ) from None
     _make_saveable(model)
     if model.config.pad_token_id is None:

@@ -33,7 +33,8 @@ from recipes.common import (
     save_adapter,
     write_results,
 )
-from recipes.nlg_data import DATASETS, DEFAULT_FILES, DataFileError, NLGExample, load_hub_split, read_split, subsample
+from recipes.nlg_data import DATASETS, DEFAULT_FILES, WHERE_TO_GET, DataFileError, NLGExample, load_hub_split, read_split
+from recipes.nlg_data import subsample
 from recipes.nlg_data import training_pairs
 
 
@@ -129,9 +130,7 @@ def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[NLGExample]]:
                 raise DataFileError(
                     f"{cfg.dataset} data file(s) not found: {', '.join(missing)}. Set data_dir (or train_file / "
                     f"test_file) to a local copy, or $PEFT_NOLA_DATA_DIR to a folder holding {cfg.dataset}/. "
-                    "Sources: E2E = microsoft/LoRA examples/NLG/data/e2e/*.txt or tuetschek/e2e-dataset CSVs; "
-                    "DART = Yale-LILY/dart data/v1.1.1/*.json; WebNLG = microsoft/LoRA "
-                    "examples/NLG/data/webnlg_challenge_2017/*.json."
+                    f"Where to get it: {WHERE_TO_GET[cfg.dataset]}."
                 )
             train = read_split(cfg.dataset, train_path)
             test = read_split(cfg.dataset, test_path)
