@@ -13,7 +13,7 @@
    The quantized NOLA adapters are also saved packed and reloaded (``reload_equal``: the reloaded model scores
    exactly the same), and their file size recorded.
 
-Writes ``results.json`` and ``results.md`` in ``--output_dir``. About 8 minutes of one CPU core with the defaults.
+Writes ``results.json`` and ``results.md`` in ``--output_dir``. About 6 minutes of one CPU core with the defaults (12 on a busy shared machine).
 """
 
 from __future__ import annotations
