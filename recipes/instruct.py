@@ -197,6 +197,7 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
     ``args.model_config`` builds a randomly initialised model (tests, smoke runs); for 8/4-bit it is saved to a
     temporary directory and reloaded through bitsandbytes, the same path a real checkpoint takes.
     """
+    quantization = quantization or "none"
     if quantization not in QUANTIZATIONS:
         raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{quantization}'")
     if quantization == "none":
@@ -241,6 +242,8 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
 
 def validate_config(config: InstructConfig) -> None:
     """Reject inconsistent settings before any data or model is loaded."""
+    if config.quantization is None:  # ``--quantization none`` arrives as null from the command-line parser
+        config.quantization = "none"
     if config.quantization not in QUANTIZATIONS:
         raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{config.quantization}'")
     if config.method.lower() not in common.METHODS:

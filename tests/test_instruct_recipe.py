@@ -121,6 +121,15 @@ def test_unknown_config_key_and_bad_settings_fail_before_loading(tmp_path):
         main(["--config", str(CONFIGS / "smoke.yaml"), "--data_path", "missing/alpaca.json"])
 
 
+def test_full_precision_is_selectable_from_the_command_line():
+    from recipes.common import load_config
+    from recipes.instruct import InstructConfig, validate_config
+
+    config = load_config(InstructConfig, ["--config", str(CONFIGS / "smoke.yaml"), "--quantization", "none"])
+    validate_config(config)  # the parser reads "none" as null; it must mean full precision, not an error
+    assert config.quantization == "none"
+
+
 PAPER_CELLS = {  # Table 5: NOLA r=16 with k=l=128/256/512, lr 1e-3, c=4; LoRA r=1, c=16, lr 2e-4
     "llama2_7b_nola.yaml": dict(method="nola", r=16, num_basis_A=128, num_basis_B=128, nola_alpha=4.0,
                                 learning_rate=1e-3),
