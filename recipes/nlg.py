@@ -21,6 +21,8 @@ from recipes.common import (
     ModelArgs,
     RecipeError,
     apply_method,
+    build_peft_config,
+    check_target_modules,
     config_to_dict,
     count_trainable_parameters,
     default_data_root,
@@ -368,9 +370,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
     model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
     # Fail on bad target_modules / method before spending time on base decoding.
-    from recipes.common import build_peft_config
-
     build_peft_config(cfg, model)
+    check_target_modules(model, cfg)
 
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
