@@ -40,6 +40,7 @@ from recipes.mmlu import evaluate_mmlu, load_mmlu, select_questions
 RECIPE = "instruct"
 ALL_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("8bit", "4bit", "none")
+METHOD_LABELS = {"nola": "NOLA", "lora": "LoRA", "nora": "NoRA", "full": "Full FT"}
 
 
 @dataclass
@@ -272,23 +273,19 @@ def table5_row(config: InstructConfig, results: dict) -> str:
     metrics, base = results["metrics"], results["base_metrics"]
     row = {
         "model": config.model_label or Path(str(config.model_name_or_path)).name,
-        "method": config.method.upper() if config.method != "full" else "Full FT",
+        "method": METHOD_LABELS.get(config.method.lower(), config.method),
         "bits": {"8bit": "8", "4bit": "4 (NF4)", "none": config.dtype}[config.quantization],
         "adapter": _human_bytes(results["adapter_bytes"]),
         "params": _human_count(results["trainable_params"]),
         "train_loss": metrics.get("train_loss"),
         "val_loss": metrics.get("val_loss"),
-        "mmlu": _round(metrics.get("MMLU")),
-        "mmlu_base": _round(base.get("MMLU")),
+        "mmlu": metrics.get("MMLU"),
+        "mmlu_base": base.get("MMLU"),
     }
     columns = list(row)
     headers = ["Model", "Method", "Base bits", "Adapter size", "Trainable params", "Train loss", "Val loss",
                "MMLU acc (%)", "MMLU before (%)"]
     return common.markdown_table([row], columns, headers)
-
-
-def _round(value):
-    return None if value is None else round(float(value), 1)
 
 
 def _human_bytes(n: int) -> str:

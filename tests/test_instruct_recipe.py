@@ -220,4 +220,4 @@ def test_smoke_run_tiny_llama_8bit_on_real_alpaca_and_mmlu(tmp_path, method):
     assert 0.0 <= written["metrics"]["MMLU"] <= 100.0
     assert written["optimizer_steps"] == smoke_config["max_steps"]
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[0].startswith("| Model | Method") and f"| {method.upper()} |" in table[2]
+    assert table[0].startswith("| Model | Method") and f"| {dict(nola='NOLA', lora='LoRA')[method]} |" in table[2]
