@@ -3,6 +3,7 @@ a silently different model. Adapters are safetensors only; pickle files are refu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -14,7 +15,16 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 def check_adapter_dir(path: Path) -> None:
-    """Raise ``ValueError`` if the adapter directory holds only a pickle file or a truncated/corrupt safetensors file."""
+    """Raise ``ValueError`` if the adapter directory's config is not a JSON object, or it holds only a pickle file or a
+    truncated/corrupt safetensors file."""
+    config = path / "adapter_config.json"
+    if config.exists():
+        try:
+            loaded = json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config} is not valid JSON ({error}); save the adapter again") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config} does not hold a JSON object; save the adapter again")
     weights = path / WEIGHTS_NAME
     if not weights.exists():
         pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
@@ -49,7 +59,7 @@ def check_safetensors(path: Path) -> None:
             raise corrupt(f"unreadable header: {error}") from None
     if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
-    data_size, end = size - 8 - header_length, 0
+    data_size, ranges = size - 8 - header_length, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -61,11 +71,16 @@ def check_safetensors(path: Path) -> None:
                 numel *= int(dim)
         except (KeyError, TypeError, ValueError):
             raise corrupt(f"malformed entry for tensor '{name}'") from None
-        if not 0 <= start <= stop <= data_size or stop - start != numel * itemsize:
-            raise corrupt(f"tensor '{name}' claims bytes {start}:{stop} of {data_size} for shape {info['shape']}")
-        end = max(end, stop)
-    if end != data_size:
-        raise corrupt(f"the tensors end at byte {end} of {data_size} data bytes")
+        if not isinstance(start, int) or not isinstance(stop, int) or stop - start != numel * itemsize:
+            raise corrupt(f"tensor '{name}' claims bytes {start}:{stop} for shape {info['shape']}")
+        ranges.append((start, stop, name))
+    position = 0  # safetensors lays tensors out back to back, covering the data exactly
+    for start, stop, name in sorted(ranges):
+        if start != position:
+            raise corrupt(f"tensor '{name}' starts at byte {start}, expected {position}")
+        position = stop
+    if position != data_size:
+        raise corrupt(f"the tensors cover {position} of {data_size} data bytes")
 
 
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -100,3 +115,15 @@ def check_loaded_tensors(expected: dict[str, torch.Tensor], loaded: dict[str, to
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"'{key}' in the adapter file contains NaN or Inf values; refusing to load it.")
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor], prefix: str) -> str:
+    """A short hash of a method's tensors (keys containing ``.<prefix>``) as stored in the adapter file: keys, dtypes,
+    shapes and bytes. Recorded in the adapter config on save and checked on load, so that a file whose bytes changed
+    is an error rather than a silently different model."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in tensors if f".{prefix}" in k):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

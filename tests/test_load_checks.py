@@ -34,9 +34,12 @@ def edit_config(path, **changes):
 
 
 def edit_tensors(path, fn):
+    """Rewrite the tensors as another tool would: a valid file without peft-nola's weights_checksum in the config
+    (with the checksum, any edit is caught by it first; these tests exercise the checks below it)."""
     tensors = load_file(path / WEIGHTS)
     fn(tensors)
     save_file(tensors, path / WEIGHTS)
+    edit_config(path, weights_checksum=None)
 
 
 def test_truncated_safetensors(adapter_dir):
@@ -116,6 +119,9 @@ def test_peft_type_that_does_not_match_the_weights(adapter_dir):
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(adapter_dir / "lora")
     (adapter_dir / WEIGHTS).write_bytes((adapter_dir / "lora" / WEIGHTS).read_bytes())
+    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+        load(adapter_dir)
+    edit_config(adapter_dir, weights_checksum=None)  # without the checksum, the missing tensors are named
     with pytest.raises(ValueError, match="lacks 8 tensor"):  # 2 layers x (q, v) x (A, B) coefficients
         load(adapter_dir)
 
@@ -128,3 +134,89 @@ def test_a_valid_directory_still_loads_identically(adapter_dir):
     assert isinstance(loaded.base_model.model.model.layers[0].self_attn.q_proj, NolaLayer)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+def test_a_changed_byte_in_the_tensor_data_is_caught_by_the_checksum(adapter_dir):
+    data = bytearray((adapter_dir / WEIGHTS).read_bytes())
+    data[-3] ^= 0x01  # the last coefficient changes by a few ulps: still a valid file, but another model
+    (adapter_dir / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+        load(adapter_dir)
+
+
+def test_invalid_json_config(adapter_dir):
+    # (PeftModel.from_pretrained itself reads the file first to find the peft type, and raises json's own error.)
+    (adapter_dir / "adapter_config.json").write_text('{"peft_type": "NOLA", ')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        NolaConfig.from_pretrained(adapter_dir)
+
+
+DOCUMENTED = ("truncated or corrupted", "is not valid JSON", "does not hold a JSON object", "pickle file",
+              "does not know", "must be", "weights_checksum", "made for a different model", "cannot be reproduced",
+              "lacks", "has no place for", "in the adapter file has shape", "NaN or Inf", "layers_pattern is set",
+              "not found in the base model", "cannot adapt module", "not divisible by")
+
+
+def _mutate(directory, rng):
+    """One random mutation of a valid adapter directory; returns a description."""
+    import random
+
+    weights, config_file = directory / WEIGHTS, directory / "adapter_config.json"
+    kind = rng.choice(["flip", "truncate", "append", "config-value", "config-drop", "config-add", "tensor"])
+    if kind in ("flip", "truncate", "append"):
+        data = bytearray(weights.read_bytes())
+        if kind == "flip":
+            position = rng.randrange(len(data))
+            data[position] ^= 1 << rng.randrange(8)
+        elif kind == "truncate":
+            data = data[: rng.randrange(len(data))]
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        weights.write_bytes(bytes(data))
+        return kind
+    config = json.loads(config_file.read_text())
+    fields = sorted(k for k in config if k not in ("peft_type", "auto_mapping", "base_model_name_or_path", "revision",
+                                                  "peft_version", "task_type"))
+    if kind == "config-value":
+        key = rng.choice(fields)
+        config[key] = rng.choice([-1, 0, 3, 2.5, "x", None, [], {}, True, 10**9])
+    elif kind == "config-drop":
+        key = rng.choice(fields)
+        del config[key]
+    elif kind == "config-add":
+        key = "extra_" + "".join(rng.choice("abc") for _ in range(4))
+        config[key] = 1
+    else:
+        tensors = load_file(weights)
+        key = rng.choice(sorted(tensors))
+        tensors[key] = random.Random(rng.random()).choice(
+            [tensors[key] * 2, tensors[key][..., :-1].contiguous(), torch.full_like(tensors[key], float("nan"))])
+        save_file(tensors, weights)
+        return f"tensor {key}"
+    config_file.write_text(json.dumps(config))
+    return f"{kind} {key}"
+
+
+def test_fuzzed_adapter_directories_load_identically_or_fail_clearly(adapter_dir, tmp_path_factory):
+    import random
+    import shutil
+
+    ids = torch.randint(1, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = load(adapter_dir)(ids).logits
+    rng = random.Random(1234)
+    outcomes = {"identical": 0, "error": 0}
+    for case in range(40):
+        directory = tmp_path_factory.mktemp(f"fuzz{case}")
+        shutil.copytree(adapter_dir, directory, dirs_exist_ok=True)
+        what = _mutate(directory, rng)
+        try:
+            model = load(directory)
+        except (ValueError, TypeError) as error:
+            assert any(phrase in str(error) for phrase in DOCUMENTED), f"case {case} ({what}): {error}"
+            outcomes["error"] += 1
+            continue
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reference), f"case {case} ({what}) loaded a different model"
+        outcomes["identical"] += 1
+    assert outcomes["error"] > 0 and outcomes["identical"] > 0

@@ -264,11 +264,15 @@ def test_corrupt_or_mismatched_packed_files_are_clear_errors(tmp_path):
     key = "base_model.model.transformer.h.0.attn.c_attn.nola_coef_A"
     truncated = {**stored, key: stored[key][:-1]}
     save_file(truncated, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    # Without a recorded checksum (a file written by hand or by an older version) the packed header still catches it.
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "weights_checksum": None}))
     with pytest.raises(ValueError, match=r"does not match its header.*takes 40 bytes.*shape \(39,\)"):
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
     save_file(stored, path, metadata={"format": "pt"})
-    config_path = tmp_path / "adapter_config.json"
-    config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "coefficient_bits": 3}))
     with pytest.raises(ValueError, match="stored at 4 bits but the adapter config says coefficient_bits=3"):
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)

@@ -41,7 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..basis import layout_fingerprint
-from ..checks import check_adapter_dir, check_loaded_tensors
+from ..checks import check_adapter_dir, check_loaded_tensors, tensors_checksum
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
@@ -112,6 +112,9 @@ class LowRankConfig(PeftConfig):
     )
     layout_fingerprint: Optional[str] = field(
         default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
+    )
+    weights_checksum: Optional[str] = field(
+        default=None, metadata={"help": "Set on save: hash of the adapter's tensors as written; checked on load."}
     )
 
     def __post_init__(self):
@@ -483,13 +486,42 @@ class LowRankTuner(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    # peft's save/load hooks (see BaseTuner._get_adapter_state_dict). Methods change how their tensors are stored with
+    # _encode_for_file/_decode_from_file; the checksum covers exactly what the file holds.
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        tensors = cls._encode_for_file(config, adapter_name, tensors)
+        as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
+        config.weights_checksum = tensors_checksum(as_written, cls.prefix)
+        return tensors
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        if config.weights_checksum is not None and tensors_checksum(state_dict, cls.prefix) != config.weights_checksum:
+            raise ValueError(
+                f"The adapter file's {cls.method_name} tensors do not match the weights_checksum recorded in its "
+                f"adapter_config.json ({config.weights_checksum!r}): the file was altered or corrupted, or belongs to "
+                f"another adapter. Save the adapter again."
+            )
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, cls._decode_from_file(config, state_dict)
+        )
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         check_loaded_tensors(expected, remapped, cls.prefix)
         return remapped
+
+    @classmethod
+    def _encode_for_file(cls, config: PeftConfig, adapter_name: str, tensors: dict) -> dict:
+        """How the method's tensors are written (keys still carry the adapter name); identity by default."""
+        return tensors
+
+    @classmethod
+    def _decode_from_file(cls, config: PeftConfig, tensors: dict) -> dict:
+        """The inverse of :meth:`_encode_for_file`, on the file's keys."""
+        return tensors
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
         """Extra keyword arguments the method's layer needs (e.g. a shared basis store)."""

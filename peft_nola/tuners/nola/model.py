@@ -55,18 +55,16 @@ class NolaModel(LowRankTuner):
         config.basis_fingerprint = fingerprint
 
     # ------------------------------------------------------------------------------------ quantized storage
-    # peft's save/load hooks (see BaseTuner._get_adapter_state_dict): with coefficient_bits set, each coefficient
-    # tensor is saved as packed integers under its own key, plus a small header tensor under "<key>_qheader"; on
-    # load the pair is turned back into the float tensor before peft maps the keys onto the model.
+    # With coefficient_bits set, each coefficient tensor is written as packed integers under its own key, plus a small
+    # header tensor under "<key>_qheader"; on load the pair becomes the float tensor again.
 
     @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+    def _encode_for_file(cls, config, adapter_name, tensors):
         bits = getattr(config, "coefficient_bits", None)
         if bits is None:
-            return to_return
+            return tensors
         packed = {}
-        for key, value in to_return.items():
+        for key, value in tensors.items():
             param_key = key.removesuffix(f".{adapter_name}")
             if param_key != key and param_key.endswith(COEFFICIENT_NAMES):
                 try:
@@ -81,10 +79,8 @@ class NolaModel(LowRankTuner):
         return packed
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        return super()._remap_adapter_state_dict_for_load(
-            model, config, adapter_name, unpack_coefficients(state_dict, getattr(config, "coefficient_bits", None))
-        )
+    def _decode_from_file(cls, config, tensors):
+        return unpack_coefficients(tensors, getattr(config, "coefficient_bits", None))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
