@@ -305,6 +305,16 @@ def load_tokenizer(args: ModelArgs):
     return tokenizer
 
 
+def split_model_config(model_config: dict, example: str) -> tuple[str, dict, int]:
+    """``(model_type, config kwargs, init seed)`` from a ``model_config`` mapping describing a randomly initialised
+    model (tests and smoke configs); ``example`` shows a valid mapping in the error."""
+    kwargs = dict(model_config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise RecipeError(f"model_config needs a 'model_type' key, e.g. {example}")
+    return model_type, kwargs, kwargs.pop("init_seed", 0)
+
+
 def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
     """Load ``(model, tokenizer)`` for a causal LM.
 
@@ -316,11 +326,7 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
 
     dtype = getattr(torch, torch_dtype)
     if args.model_config is not None:
-        kwargs = dict(args.model_config)
-        model_type = kwargs.pop("model_type", None)
-        if model_type is None:
-            raise RecipeError("model_config needs a 'model_type' key, e.g. {model_type: gpt2, n_embd: 32, n_layer: 2}")
-        seed = kwargs.pop("init_seed", 0)
+        model_type, kwargs, seed = split_model_config(args.model_config, "{model_type: gpt2, n_embd: 32, n_layer: 2}")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=dtype)
         tokenizer = load_tokenizer(args)
@@ -388,25 +394,19 @@ def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM
     fan_in_fan_out = args.fan_in_fan_out
     if fan_in_fan_out is None:
         fan_in_fan_out = bool(model is not None and _uses_conv1d(model, args.target_modules))
+    shared = dict(target_modules=list(args.target_modules), fan_in_fan_out=fan_in_fan_out, task_type=task_type)
     if method == "lora":
         from peft import LoraConfig
 
-        return LoraConfig(
-            r=args.r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.adapter_dropout,
-            target_modules=list(args.target_modules),
-            fan_in_fan_out=fan_in_fan_out,
-            task_type=task_type,
-        )
+        return LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.adapter_dropout, **shared)
     try:
         import peft_nola
     except ImportError as exc:
         raise RecipeError(f"method '{method}' needs the peft_nola library (pip install -e .): {exc}") from None
+    if args.output_slices:
+        shared["output_slices"] = args.output_slices
     if method == "nola":
-        if not hasattr(peft_nola, "NolaConfig"):
-            raise RecipeError("this peft_nola build does not provide NolaConfig yet")
-        kwargs = dict(
+        return peft_nola.NolaConfig(
             r=args.r,
             num_basis_A=args.num_basis_A,
             num_basis_B=args.num_basis_B,
@@ -414,27 +414,11 @@ def build_peft_config(args: AdapterArgs, model=None, task_type: str = "CAUSAL_LM
             basis_seed=args.basis_seed,
             basis_mode=args.basis_mode,
             nola_dropout=args.adapter_dropout,
-            target_modules=list(args.target_modules),
-            fan_in_fan_out=fan_in_fan_out,
-            task_type=task_type,
+            **shared,
         )
-        if args.output_slices:
-            kwargs["output_slices"] = args.output_slices
-        return peft_nola.NolaConfig(**kwargs)
-    if not hasattr(peft_nola, "NoraConfig"):
-        raise RecipeError("method 'nora' is not available in this peft_nola build yet")
-    kwargs = dict(
-        r=args.r,
-        inner_r=args.nora_inner_r,
-        nora_alpha=args.nora_alpha,
-        nora_dropout=args.adapter_dropout,
-        target_modules=list(args.target_modules),
-        fan_in_fan_out=fan_in_fan_out,
-        task_type=task_type,
+    return peft_nola.NoraConfig(
+        r=args.r, inner_r=args.nora_inner_r, nora_alpha=args.nora_alpha, nora_dropout=args.adapter_dropout, **shared
     )
-    if args.output_slices:
-        kwargs["output_slices"] = args.output_slices
-    return peft_nola.NoraConfig(**kwargs)
 
 
 def check_target_modules(model, args: AdapterArgs) -> None:

@@ -43,6 +43,7 @@ from recipes.common import (
     resolve_path,
     run_cli,
     save_adapter,
+    split_model_config,
     write_results,
 )
 from recipes.vision_data import (
@@ -220,11 +221,8 @@ def load_base_model(cfg: VisionConfig, classes: Sequence[str]):
         raise RecipeError(f"num_labels is {cfg.num_labels} but the dataset has {n} classes "
                           f"({', '.join(list(classes)[:5])}, ...); remove num_labels or fix exclude_classes")
     if cfg.model_config is not None:
-        kwargs = dict(cfg.model_config)
-        model_type = kwargs.pop("model_type", None)
-        if model_type is None:
-            raise RecipeError("model_config needs a 'model_type' key, e.g. {model_type: vit, hidden_size: 32, ...}")
-        backbone_seed = kwargs.pop("init_seed", 0)
+        example = "{model_type: vit, hidden_size: 32, ...}"
+        model_type, kwargs, backbone_seed = split_model_config(cfg.model_config, example)
         if "num_labels" in kwargs and kwargs["num_labels"] != n:
             raise RecipeError(f"model_config has num_labels {kwargs['num_labels']} but the dataset has {n} classes")
         kwargs.pop("num_labels", None)
