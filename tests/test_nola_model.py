@@ -294,6 +294,18 @@ def test_generate_with_mixed_adapters(token_ids):
     assert torch.equal(out[1:2], alone)
 
 
+def test_adapters_with_the_same_seed_and_other_basis_sizes_do_not_share_a_basis(token_ids):
+    small = dict(num_basis_A=12, num_basis_B=9, init_weights=False)
+    alone = get_peft_model(tiny_llama(), llama_config(**small))
+    with torch.no_grad():
+        expected = alone(token_ids).logits
+    model = get_peft_model(tiny_llama(), llama_config(init_weights=False), adapter_name="task1")
+    model.add_adapter("task2", llama_config(**small))
+    model.set_adapter("task2")
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids).logits, expected, atol=1e-6, rtol=0)
+
+
 def test_add_set_delete_adapter(token_ids):
     model = get_peft_model(tiny_llama(), llama_config(init_weights=False), adapter_name="task1")
     model.add_adapter("task2", llama_config(init_weights=False, basis_seed=1))

@@ -137,7 +137,7 @@ class SharedBasisCombiner:
 
     def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
         """The basis of ``stream`` from the store, generated on first use in float32 and cast once."""
-        key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{like.dtype}")
+        key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{num_basis}/{like.dtype}")
         if key not in self.store or self.store[key].device != like.device:
             self.store[key] = basis_rows(seed, stream, num_basis, numel, device=like.device).to(like.dtype)
         return self.store[key]
@@ -231,11 +231,13 @@ class NolaLayer(LowRankLayer):
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.basis_spec[adapter_name]
         if spec.mode == "per_layer":
-            coefficients = self._effective_coefficients(adapter_name)
-            down, up = (
-                torch.stack([_OnTheFlyCombination.apply(coef[i], spec.seed, stream, numel) for i, stream in enumerate(streams)])
-                for coef, streams, numel in zip(coefficients, (spec.streams_A, spec.streams_B), (spec.numel_A, spec.numel_B))
-            )
+            factors = []
+            for coef, streams, numel in zip(
+                self._effective_coefficients(adapter_name), (spec.streams_A, spec.streams_B), (spec.numel_A, spec.numel_B)
+            ):
+                blocks = [_OnTheFlyCombination.apply(coef[i], spec.seed, stream, numel) for i, stream in enumerate(streams)]
+                factors.append(torch.stack(blocks))
+            down, up = factors
         else:
             down, up = self._combiner.factors(self, adapter_name)
         num_blocks, r = down.shape[0], spec.numel_A // self.cols
