@@ -240,7 +240,6 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.adapter_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
         self._active_adapter = adapter_name
         self._init_adapter_containers(config)
         self.update_layer(adapter_name, config, **kwargs)
@@ -258,8 +257,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         """``down (S, r, cols)`` and ``up (S, rows / splits, r)`` for the S adapted blocks, with autograd."""
         raise NotImplementedError
 
-    def _rank_and_scale(self, config: PeftConfig) -> tuple[int, float, float]:
-        """``(r, scale, dropout probability)`` of an adapter from its config."""
+    def _scale_and_dropout(self, config: PeftConfig) -> tuple[float, float]:
+        """``(scale, dropout probability)`` of an adapter from its config."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------------------------- set-up
@@ -272,7 +271,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             )
         if splits > 1 and self.is_conv2d:
             raise ValueError(f"output_slices cannot be used on the Conv2d layer '{self.module_key}'")
-        r, scale, dropout = self._rank_and_scale(config)
+        scale, dropout = self._scale_and_dropout(config)
         self.output_slices[adapter_name] = (splits, adapt)
         self.scaling[adapter_name] = scale
         self.adapter_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()

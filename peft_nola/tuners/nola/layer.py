@@ -183,8 +183,8 @@ class NolaLayer(LowRankLayer):
         # adapter name -> (bits, scheme) for quantization-aware adapters (their forward uses quantized coefficients)
         self.coefficient_quantization: dict[str, tuple[int, str] | None] = {}
 
-    def _rank_and_scale(self, config: NolaConfig) -> tuple[int, float, float]:
-        return config.r, config.nola_alpha / config.r, config.nola_dropout
+    def _scale_and_dropout(self, config: NolaConfig) -> tuple[float, float]:
+        return config.nola_alpha / config.r, config.nola_dropout
 
     def _create_adapter(self, adapter_name, config: NolaConfig, block_shape, combiner: SharedBasisCombiner, **kwargs):
         # One combiner per model, shared by its layers; its basis store is a submodule of the model, not of each layer.

@@ -26,11 +26,11 @@ class NoraLayer(LowRankLayer):
         self.nora_Vt = BufferDict({}, persistent=config.store_outer_factors)
         self.nora_core0 = BufferDict({}, persistent=config.store_outer_factors)
 
-    def _rank_and_scale(self, config: NoraConfig) -> tuple[int, float, float]:
-        return config.r, config.nora_alpha / config.inner_r, config.nora_dropout
+    def _scale_and_dropout(self, config: NoraConfig) -> tuple[float, float]:
+        return config.nora_alpha / config.inner_r, config.nora_dropout
 
     def _create_adapter(self, adapter_name, config: NoraConfig, block_shape, **kwargs):
-        splits, adapt = self.output_slices[adapter_name]
+        _, adapt = self.output_slices[adapter_name]
         block_rows, _ = block_shape
         weight = weight_matrix(self.get_base_layer()).detach()
         r, inner_r = config.r, config.inner_r
