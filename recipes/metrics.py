@@ -253,6 +253,12 @@ def _lowercased(tokens: list[str]) -> list[str]:
     return [tok.lower() for tok in tokens]
 
 
+def _mteval_tokenized(references: Sequence[Sequence[str]], hypotheses: Sequence[str]):
+    """``(hypothesis tokens, [reference tokens, ...])`` per input, tokenized and lowercased as pymteval does."""
+    for group, hyp_text in zip(references, hypotheses):
+        yield _lowercased(mteval_tokenize(hyp_text)), [_lowercased(mteval_tokenize(ref)) for ref in group]
+
+
 def pymteval_bleu(references: Sequence[Sequence[str]], hypotheses: Sequence[str], max_ngram: int = 4) -> float:
     """Corpus BLEU exactly as e2e-metrics' pymteval ``BLEUScore`` computes it (0..1).
 
@@ -264,9 +270,7 @@ def pymteval_bleu(references: Sequence[Sequence[str]], hypotheses: Sequence[str]
     hits = [0] * max_ngram
     cand_lens = [0] * max_ngram
     ref_len = 0
-    for group, hyp_text in zip(references, hypotheses):
-        hyp = _lowercased(mteval_tokenize(hyp_text))
-        refs = [_lowercased(mteval_tokenize(ref)) for ref in group]
+    for hyp, refs in _mteval_tokenized(references, hypotheses):
         for i in range(max_ngram):
             n = i + 1
             hits[i] += sum(_clipped_hits(hyp, _max_ref_counts(refs, n), n).values())
@@ -297,9 +301,7 @@ def pymteval_nist(references: Sequence[Sequence[str]], hypotheses: Sequence[str]
     hits_per_order: list[list[dict]] = [[] for _ in range(max_ngram)]
     cand_lens = [0] * max_ngram
     avg_ref_len = 0.0
-    for group, hyp_text in zip(references, hypotheses):
-        hyp = _lowercased(mteval_tokenize(hyp_text))
-        refs = [_lowercased(mteval_tokenize(ref)) for ref in group]
+    for hyp, refs in _mteval_tokenized(references, hypotheses):
         for i in range(max_ngram):
             n = i + 1
             cand_lens[i] += len(hyp) - i
