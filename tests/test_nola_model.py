@@ -363,6 +363,26 @@ def test_unsupported_layer_and_no_match_are_clear_errors():
         get_peft_model(tiny_gpt2(), gpt2_qv_config(output_slices={"c_attn": {"splits": 5, "adapt": [0]}}))
 
 
+def test_basis_over_the_memory_budget_is_refused_before_injection(monkeypatch, token_ids):
+    """Tiny GPT-2 (n_embd 32, 2 layers) QV: 4 adapted blocks, each with A_i of 8x32 and B_j of 32x8."""
+    k = l = 1000
+    per_layer_bytes = 4 * 4 * (k * 8 * 32 + l * 32 * 8)  # 4 blocks, float32: 8,192,000
+    shared_bytes = 4 * (k * 8 * 32 + l * 32 * 8)  # one A and one B basis: 2,048,000
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes - 1))
+    base = tiny_gpt2()
+    config = gpt2_qv_config(r=8, num_basis_A=k, num_basis_B=l, basis_mode="per_layer_cached")
+    with pytest.raises(MemoryError, match=r"would keep 8,192,000 bytes \(7.8 MiB\) of basis in memory for 2 "
+                                          r"adapted modules .* more than the 8,191,999 bytes .* "
+                                          r"\(one basis per layer shape: 2,048,000 bytes \(2.0 MiB\) here\)"):
+        get_peft_model(base, config)
+    assert not nola_layers(base)
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes))
+    for mode, expected in [("per_layer_cached", per_layer_bytes), ("shared", shared_bytes)]:
+        model = get_peft_model(tiny_gpt2(), gpt2_qv_config(r=8, num_basis_A=k, num_basis_B=l, basis_mode=mode))
+        model(token_ids)
+        assert sum(b.numel() * b.element_size() for b in model.base_model.nola_basis.values()) == expected
+
+
 # --------------------------------------------------------------------------------------- 8-bit and 4-bit base
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bitsandbytes_base(tmp_path, token_ids, bits):

@@ -136,10 +136,19 @@ class SharedBasisCombiner:
         return self.cache[key][id(layer)]
 
     def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """The basis of ``stream`` from the store, generated on first use in float32 and cast once."""
+        """The basis of ``stream`` from the store, generated on first use in float32 and cast once.
+
+        Generated chunk by chunk into its final tensor, so that building it needs no more memory than it keeps
+        (generating it whole takes ~5x its size in integer scratch).
+        """
         key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{num_basis}/{like.dtype}")
         if key not in self.store or self.store[key].device != like.device:
-            self.store[key] = basis_rows(seed, stream, num_basis, numel, device=like.device).to(like.dtype)
+            if key in self.store:
+                del self.store[key]  # the copy on the old device, freed before the new one is built
+            basis = torch.empty(num_basis, numel, dtype=like.dtype, device=like.device)
+            for start, rows in _chunks(seed, stream, num_basis, numel, like.device, like.dtype):
+                basis[start : start + rows.shape[0]] = rows
+            self.store[key] = basis
         return self.store[key]
 
     def _combine(self, layers: list["NolaLayer"], adapter_name: str) -> dict:

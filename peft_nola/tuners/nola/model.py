@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...basis import generator_fingerprint
 from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
-from ..lowrank import LowRankTuner
+from ..lowrank import LowRankTuner, matrix_shape, resolve_slices
 from .config import NolaConfig
 from .layer import NolaLayer, SharedBasisCombiner
 
@@ -53,6 +55,25 @@ class NolaModel(LowRankTuner):
                 f"basis generator; load it with that version."
             )
         config.basis_fingerprint = fingerprint
+        self._check_basis_memory(config, targets)
+
+    def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
+        """Refuse, before any module is replaced, a config whose stored basis would not fit in memory."""
+        if config.basis_mode == "per_layer" or not targets:
+            return
+        weight = targets[0][1].weight
+        needed = basis_bytes(config, targets, config.basis_mode)
+        budget, where = basis_memory_budget(weight.device)
+        if budget is None or needed <= budget:
+            return
+        raise MemoryError(
+            f"NOLA basis_mode={config.basis_mode!r} would keep {_gib(needed)} of basis in memory for "
+            f"{len(targets)} adapted modules (k={config.num_basis_A}, l={config.num_basis_B}, r={config.r}), more than "
+            f"the {_gib(budget)} budget ({where}). Use basis_mode='shared' (one basis per layer shape: "
+            f"{_gib(basis_bytes(config, targets, 'shared'))} here) or 'per_layer' (regenerated on the fly, no basis "
+            f"memory), lower num_basis_A / num_basis_B, or raise the budget with the environment variable "
+            f"{BUDGET_ENV}=<bytes>."
+        )
 
     # ------------------------------------------------------------------------------------ quantized storage
     # With coefficient_bits set, each coefficient tensor is written as packed integers under its own key, plus a small
@@ -87,6 +108,53 @@ class NolaModel(LowRankTuner):
         # Cached bases are regenerated on demand; dropping them all frees the ones no adapter uses any more.
         for key in list(self.nola_basis):
             del self.nola_basis[key]
+
+
+BUDGET_ENV = "PEFT_NOLA_BASIS_MEMORY_BUDGET"
+
+
+def basis_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]], mode: str) -> int:
+    """Bytes of float32 basis that ``config`` keeps in memory for the ``(key, base layer)`` pairs it adapts in
+    ``mode``: one basis per distinct shape when shared, one per adapted block when cached per layer."""
+    if mode == "per_layer":
+        return 0
+    r, k, l = config.r, config.num_basis_A, config.num_basis_B
+    shared, total = set(), 0
+    for key, base_layer in targets:
+        rows, cols = matrix_shape(base_layer)
+        splits, adapt = resolve_slices(config.output_slices, key)
+        if mode == "shared":
+            shared |= {("A", cols), ("B", rows // splits)}
+        else:
+            total += len(adapt) * (k * r * cols + l * (rows // splits) * r)
+    total += sum((k if factor == "A" else l) * r * size for factor, size in shared)
+    return 4 * total
+
+
+def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:
+    """``(bytes, where it comes from)``: ``$PEFT_NOLA_BASIS_MEMORY_BUDGET`` if set, else the memory available on
+    ``device`` now (``None`` where that cannot be known, e.g. the meta device)."""
+    if os.environ.get(BUDGET_ENV):
+        try:
+            return int(float(os.environ[BUDGET_ENV])), f"{BUDGET_ENV}"
+        except ValueError:
+            raise ValueError(f"{BUDGET_ENV} must be a number of bytes, not {os.environ[BUDGET_ENV]!r}") from None
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024, "available memory on this machine"
+        except OSError:
+            pass
+    return None, ""
+
+
+def _gib(num_bytes: int) -> str:
+    size = f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes:,} bytes ({size})"
 
 
 COEFFICIENT_NAMES = tuple(f".{name}" for name in NolaLayer.adapter_layer_names)
