@@ -1,0 +1,145 @@
+"""One training process of the data-parallel tests (tests/test_distributed.py), launched by ``torchrun``,
+``accelerate launch`` or plain ``python`` (one process).
+
+Trains NOLA on the q and v slices of a tiny GPT-2 built from a config with ``transformers.Trainer`` (which wraps the
+model in DDP itself when the launcher started several processes), then every rank writes what the test compares:
+
+- ``coefficients_rank{R}.safetensors``: the rank's trainable tensors after training;
+- ``rank{R}.json``: a SHA-256 per basis buffer of the rank's ``nola_basis`` store, how many basis buffers existed when
+  training started (0 means DDP had nothing to broadcast: each rank generated its basis itself), the logged losses;
+- ``adapter/`` (through ``Trainer.save_model``) and ``checkpoint-{steps}/`` (Trainer's own checkpoint).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT --per_device_batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# Tiny model, adapter and data, shared with the test so it can rebuild the basis on its own.
+# No dropout: its masks come from each process's RNG, so one process and two would train on different noise.
+MODEL_CONFIG = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+ADAPTER = dict(r=4, num_basis_A=24, num_basis_B=20, basis_seed=7, nola_alpha=4)
+MODEL_SEED = 0
+NUM_SEQUENCES = 24
+PAD_ID = 0
+
+
+def training_sequences() -> list[dict]:
+    """Deterministic sequences of 6..13 tokens: uneven lengths, so the ranks' batches hold different numbers of label
+    tokens and the equivalence with one process depends on Trainer averaging the loss over all ranks' tokens."""
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for i in range(NUM_SEQUENCES):
+        length = 6 + (i * 5) % 8
+        start = int(torch.randint(1, 96, (1,), generator=generator))
+        step = 1 + i % 3
+        ids = (1 + (start + step * torch.arange(length)) % 95).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    return examples
+
+
+def pad_batch(features: list[dict]) -> dict:
+    """Right padding; padded positions are masked from attention and loss."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = [f["input_ids"] + [PAD_ID] * (width - len(f["input_ids"])) for f in features]
+    labels = [f["labels"] + [-100] * (width - len(f["labels"])) for f in features]
+    attention = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(attention)}
+
+
+def build_model():
+    """The tiny GPT-2 (same random weights in every process) with NOLA on the q and v thirds of ``c_attn``."""
+    import peft_nola  # noqa: F401  (registers NOLA with peft)
+    from peft import get_peft_model
+    from peft_nola import GPT2_QV_SLICES, NolaConfig
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(MODEL_SEED)
+    base = GPT2LMHeadModel(GPT2Config(**MODEL_CONFIG))
+    config = NolaConfig(target_modules=["c_attn"], output_slices=GPT2_QV_SLICES, fan_in_fan_out=True,
+                        task_type="CAUSAL_LM", **ADAPTER)
+    return get_peft_model(base, config)
+
+
+def basis_digest(model) -> dict[str, dict]:
+    """store key -> SHA-256 of the buffer's bytes, dtype and shape."""
+    store = model.base_model.nola_basis
+    return {key: {"sha256": hashlib.sha256(buffer.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+                  "dtype": str(buffer.dtype), "shape": list(buffer.shape)} for key, buffer in store.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--per_device_batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    # Plain SGD with a large step: unlike Adam's sign-like first steps, the update is proportional to the gradient, so a
+    # wrong loss scale across processes (a sum instead of a mean, per-rank token means) would show.
+    parser.add_argument("--learning_rate", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    from safetensors.torch import save_file
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = build_model()
+    store = model.base_model.nola_basis
+    seen_at_start: list[int] = []
+
+    class RecordStoreAtStart(TrainerCallback):
+        # on_train_begin runs after Trainer wrapped the model in DDP: an empty store here means DDP's buffer
+        # broadcast (at wrap time and before each forward) cannot have touched the basis.
+        def on_train_begin(self, *_, **__):
+            seen_at_start.append(len(store))
+
+    training_args = TrainingArguments(
+        output_dir=str(args.out),
+        per_device_train_batch_size=args.per_device_batch,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        # Same order in one process and in several: global batch t is examples [t*B, (t+1)*B) either way.
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=args.steps,
+        seed=11,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=training_sequences(), data_collator=pad_batch,
+                      callbacks=[RecordStoreAtStart()])
+    trainer.train()
+    trainer.save_model(str(args.out / "adapter"))
+
+    rank = training_args.process_index
+    coefficients = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(coefficients, str(args.out / f"coefficients_rank{rank}.safetensors"))
+    report = {
+        "rank": rank,
+        "world_size": training_args.world_size,
+        "basis_buffers_at_train_begin": seen_at_start,
+        "basis": basis_digest(model),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "global_step": trainer.state.global_step,
+    }
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make peft_nola importable
+    main()
