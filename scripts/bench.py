@@ -24,9 +24,10 @@ is included. The peak is
   * on CPU: the process's peak resident set (Linux ``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``).
     This is what the OS had to provide, and it is coarser than the CUDA figure: it includes the Python runtime and
     the libraries (the same few hundred MB for every method, as all children fork from one state), and memory the
-    C allocator keeps after a tensor is freed. Large tensors (activations, the basis, the weights) are mmap'ed and
-    returned to the OS when freed, so differences between methods are meaningful to a few MB; the absolute value
-    is not comparable with a GPU's.
+    C allocator keeps after a tensor is freed. The worker runs with a fixed ``MALLOC_MMAP_THRESHOLD_`` (128 KiB), so
+    every tensor above that size is mmap'ed and returned to the OS when freed (glibc's adaptive threshold would keep
+    freed tensors of up to 32 MB resident), and the resident set follows live tensors; differences between methods
+    are then meaningful to a few MB. The absolute value is not comparable with a GPU's.
 The target column checks ``peak <= LoRA's peak * 1.01 + basis bytes`` against LoRA at the same rank, where "basis
 bytes" is the frozen extra state the method holds (NOLA's basis store, NoRA's SVD factors, VeRA's projections). On
 CPU the resident set before the first step already differs by tens of MB between identical processes (the allocator's
@@ -364,7 +365,10 @@ def measure_memory(jobs: list[tuple[str, str]], settings: Settings, steps: int) 
     payload = json.dumps({"jobs": jobs, "settings": asdict(settings), "steps": steps})
     command = [sys.executable, str(Path(__file__).resolve()), "--_memory_worker", payload]
     results = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
+    # A fixed mmap threshold turns off glibc's adaptive one, which after the first large free serves later tensors
+    # of that size from the heap and keeps them resident when freed: the resident set then tracks live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 17))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as worker:
         for line in worker.stdout:
             if line.startswith("BENCH_MEMORY "):
                 results.append(json.loads(line.removeprefix("BENCH_MEMORY ")))
