@@ -10,9 +10,11 @@ dummy loss: what is measured is the cost of the adapter, not a task.
 Step time. Every method gets its own module tree over the same frozen base weights (shared, not copied, so the
 largest shapes fit in memory); repetitions are interleaved (one step of each method per round, the order rotating
 from round to round) so that machine noise hits all methods alike. A method's ratio is the median of its per-round
-ratios to LoRA at the same rank (``--rank``), with the quartiles of those ratios beside it. A method whose measured
-steps exceed ``--budget_s`` on one shape leaves the remaining rounds (its ``n`` says how many it ran): on a CPU the
-on-the-fly per-layer basis is orders of magnitude slower, and the budget keeps the run finite.
+ratios to LoRA at the same rank (``--rank``), with the quartiles of those ratios beside it. A method whose steps
+(warm-up included) exceed ``--budget_s`` on one shape leaves the remaining rounds after at least one measured step
+(its ``n`` says how many it ran): on a CPU the on-the-fly per-layer basis is one to two orders of magnitude slower,
+and the budget keeps the run finite. The ``--quick`` shape is small, so costs that grow with a layer's width rather
+than its square (generating or reading a basis, Python overhead per layer) weigh more there than at the papers' shapes.
 
 Peak training memory is measured per method in a process of its own, so one method's allocations cannot hide or
 inflate another's: the script re-invokes itself (hidden ``--_memory_worker``), the worker imports the libraries once
@@ -257,9 +259,9 @@ def bench_steps(name: str, shape: Shape, settings: Settings, methods: list[str] 
         shift = round_index % len(active)
         for method in active[shift:] + active[:shift]:
             elapsed = train_step(*runs[method], batch, device)
+            spent[method] += elapsed
             if round_index >= warmup:
                 times[method].append(elapsed)
-                spent[method] += elapsed
         if round_index >= warmup:
             over = [m for m in active if m != baseline and spent[m] > budget_s]
             for method in over:
@@ -644,8 +646,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=None, help="measured rounds (default 10 quick, 20 full)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1 quick, 2 full)")
     parser.add_argument("--budget_s", type=float, default=None,
-                        help="seconds of measured steps per method and shape before it leaves the rounds "
-                             "(default 8 quick, 300 full)")
+                        help="seconds of steps (warm-up included) per method and shape after which it leaves the "
+                             "rounds (default 10 quick, 300 full)")
     parser.add_argument("--mem_steps", type=int, default=2, help="training steps per peak-memory measurement")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--merge_shapes", nargs="*", default=None, choices=sorted(shapes()),
@@ -661,7 +663,7 @@ def main(argv=None) -> dict:
     selected = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     reps = args.reps or (10 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    budget_s = args.budget_s or (8.0 if args.quick else 300.0)
+    budget_s = args.budget_s or (10.0 if args.quick else 300.0)
     if args.merge_shapes is None:
         args.merge_shapes = ["gpt2-medium-qv"] if "gpt2-medium-qv" in selected else selected[:1]
     settings = Settings(args.rank, args.num_basis, args.nora_inner_r, args.vera_r, args.device)
