@@ -65,6 +65,10 @@ def build_model():
 
     torch.manual_seed(MODEL_SEED)
     base = GPT2LMHeadModel(GPT2Config(**MODEL_CONFIG))
+    # transformers 5.23 derives loss_type from the class name, and "GPT2LMHeadModel" matches none, so Trainer counts
+    # the label tokens for num_items_in_batch without the causal shift (one token per sequence too many) and the
+    # loss comes out scaled by N / (N + batch). Naming the loss makes Trainer count what the loss averages over.
+    base.loss_type = "ForCausalLM"
     config = NolaConfig(target_modules=["c_attn"], output_slices=GPT2_QV_SLICES, fan_in_fan_out=True,
                         task_type="CAUSAL_LM", **ADAPTER)
     return get_peft_model(base, config)
@@ -85,7 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     # Plain SGD with a large step: unlike Adam's sign-like first steps, the update is proportional to the gradient, so a
     # wrong loss scale across processes (a sum instead of a mean, per-rank token means) would show.
     parser.add_argument("--learning_rate", type=float, default=5.0)
+    parser.add_argument("--fsdp2", choices=["root", "per_block"],
+                        help="shard with torch FSDP2 (fully_shard) in a plain loop instead of Trainer's DDP: the "
+                             "whole model as one unit, or each GPT-2 block as its own unit (the usual auto-wrap)")
+    parser.add_argument("--basis_mode", default="shared")
     args = parser.parse_args(argv)
+    ADAPTER["basis_mode"] = args.basis_mode
+    if args.fsdp2:
+        return train_fsdp2(args)
 
     from safetensors.torch import save_file
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -138,6 +149,69 @@ def main(argv: list[str] | None = None) -> None:
         "global_step": trainer.state.global_step,
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+def train_fsdp2(args) -> None:
+    """The same training as the Trainer path (SGD, constant lr, sequential global batches, loss averaged over all
+    label tokens of the global batch) with the model sharded by ``fully_shard`` on a CPU/gloo mesh; then the
+    coefficients are gathered into a full state dict, which every rank dumps and rank 0 saves as the adapter."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model()
+    mesh = init_device_mesh("cpu", (world,))
+    if args.fsdp2 == "per_block":
+        for block in model.base_model.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    basis_at_start = [len(model.base_model.nola_basis)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.learning_rate)
+    examples = training_sequences()
+    global_batch = args.per_device_batch * world
+    losses = []
+    for step in range(args.steps):
+        start = step * global_batch + rank * args.per_device_batch
+        batch = pad_batch(examples[start : start + args.per_device_batch])
+        # Token-mean over the global batch: each rank divides its token sum by the global count; FSDP's gradient
+        # reduce-scatter averages over ranks, hence the factor world.
+        tokens = batch["labels"][:, 1:].ne(-100).sum()
+        dist.all_reduce(tokens)
+        loss = model(**batch, num_items_in_batch=tokens).loss * world
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logged = loss.detach() / world
+        dist.all_reduce(logged)
+        losses.append(logged.item())
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    coefficients = {name: full[name].detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(coefficients, str(args.out / f"coefficients_rank{rank}.safetensors"))
+    report = {
+        "rank": rank,
+        "world_size": world,
+        "basis_buffers_at_train_begin": basis_at_start,
+        "basis": basis_digest(model),
+        "basis_buffer_types": sorted({type(b).__name__ for b in model.base_model.nola_basis.values()}),
+        "coefficient_shards": {name: [list(p.shape), list(p.to_local().shape)] for name, p in
+                               model.named_parameters() if p.requires_grad and isinstance(p, DTensor)},
+        "losses": losses,
+        "global_step": args.steps,
+    }
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    if rank == 0:
+        # save_pretrained on the sharded model would see DTensor shards: hand it the gathered state dict.
+        model.save_pretrained(str(args.out / "adapter"), state_dict=full)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
