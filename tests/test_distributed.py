@@ -178,6 +178,30 @@ def test_accelerate_launch_two_processes_match_one_process(tmp_path, single_proc
     print(f"accelerate launch: max |coefficient difference| 2 processes vs 1 = {max_diff:.3g}")
 
 
+def test_accelerate_configs_load_with_accelerates_own_parser():
+    """Every shipped config passes accelerate's loader (which rejects unknown keys) and is the setup its name says;
+    ZeRO-3 keeps tensors of NOLA's coefficient size un-partitioned and gathers weights on save."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = REPO_ROOT / "configs" / "accelerate"
+    expected = {"cpu_2proc": "MULTI_GPU", "multi_gpu_ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED",
+                "deepspeed_zero3": "DEEPSPEED", "fsdp2_one_unit": "FSDP", "fsdp2_per_block": "FSDP"}
+    assert {p.stem for p in folder.glob("*.yaml")} == set(expected)
+    for name, distributed_type in expected.items():
+        config = load_config_from_file(str(folder / f"{name}.yaml"))
+        assert config.distributed_type.value == distributed_type, name
+    assert load_config_from_file(str(folder / "cpu_2proc.yaml")).num_processes == 2
+    for name, wrap in (("fsdp2_one_unit", "NO_WRAP"), ("fsdp2_per_block", "TRANSFORMER_BASED_WRAP")):
+        fsdp = load_config_from_file(str(folder / f"{name}.yaml")).fsdp_config
+        assert (fsdp["fsdp_version"], fsdp["fsdp_auto_wrap_policy"], fsdp["fsdp_state_dict_type"]) == \
+            (2, wrap, "FULL_STATE_DICT")
+    zero3 = load_config_from_file(str(folder / "deepspeed_zero3.yaml")).deepspeed_config
+    ds = json.loads((REPO_ROOT / zero3["deepspeed_config_file"]).read_text())["zero_optimization"]
+    assert ds["stage"] == 3 and ds["stage3_gather_16bit_weights_on_model_save"] is True
+    # The paper's largest NOLA coefficient tensor: 2 adapted blocks x 1000 basis coefficients (GPT-2 QV rows).
+    assert ds["stage3_param_persistence_threshold"] >= 2 * 1000
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The NLG recipe itself under torchrun (real E2E slices, decoding sharded across the two processes).
 # ---------------------------------------------------------------------------------------------------------------
