@@ -56,7 +56,7 @@ def pad_batch(features: list[dict]) -> dict:
             "attention_mask": torch.tensor(attention)}
 
 
-def build_model():
+def build_model(basis_mode: str = "shared"):
     """The tiny GPT-2 (same random weights in every process) with NOLA on the q and v thirds of ``c_attn``."""
     import peft_nola  # noqa: F401  (registers NOLA with peft)
     from peft import get_peft_model
@@ -70,7 +70,7 @@ def build_model():
     # loss comes out scaled by N / (N + batch). Naming the loss makes Trainer count what the loss averages over.
     base.loss_type = "ForCausalLM"
     config = NolaConfig(target_modules=["c_attn"], output_slices=GPT2_QV_SLICES, fan_in_fan_out=True,
-                        task_type="CAUSAL_LM", **ADAPTER)
+                        task_type="CAUSAL_LM", basis_mode=basis_mode, **ADAPTER)
     return get_peft_model(base, config)
 
 
@@ -92,16 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fsdp2", choices=["root", "per_block"],
                         help="shard with torch FSDP2 (fully_shard) in a plain loop instead of Trainer's DDP: the "
                              "whole model as one unit, or each GPT-2 block as its own unit (the usual auto-wrap)")
-    parser.add_argument("--basis_mode", default="shared")
+    parser.add_argument("--basis_mode", default="shared", choices=["shared", "per_layer", "per_layer_cached"])
     args = parser.parse_args(argv)
-    ADAPTER["basis_mode"] = args.basis_mode
     if args.fsdp2:
         return train_fsdp2(args)
 
     from safetensors.torch import save_file
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model = build_model()
+    model = build_model(args.basis_mode)
     store = model.base_model.nola_basis
     seen_at_start: list[int] = []
 
@@ -164,7 +163,7 @@ def train_fsdp2(args) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_model()
+    model = build_model(args.basis_mode)
     mesh = init_device_mesh("cpu", (world,))
     if args.fsdp2 == "per_block":
         for block in model.base_model.model.transformer.h:

@@ -167,6 +167,19 @@ def test_fsdp2_one_unit_per_block_with_shared_basis(tmp_path, single_process_run
 
 
 @pytest.mark.slow
+def test_fsdp2_one_unit_per_block_with_on_the_fly_basis(tmp_path):
+    """basis_mode per_layer (each layer generates its basis in its own forward, nothing stored) does work with one
+    FSDP unit per block: same coefficients as one process in the same mode, saved without basis."""
+    single = tmp_path / "single"
+    worker.main([str(single), "--per_device_batch", "4", "--steps", str(STEPS), "--basis_mode", "per_layer"])
+    out = tmp_path / "fsdp2_per_block"
+    launch(torchrun(str(WORKER), str(out), "--per_device_batch", "2", "--steps", str(STEPS), "--fsdp2", "per_block",
+                    "--basis_mode", "per_layer"))
+    max_diff = check_data_parallel_run(out, single, reference_basis={}, trainer_checkpoint=False)
+    print(f"FSDP2 per block, on-the-fly basis: max |coefficient difference| 2 processes vs 1 = {max_diff:.3g}")
+
+
+@pytest.mark.slow
 def test_accelerate_launch_two_processes_match_one_process(tmp_path, single_process_run, reference_basis_digest):
     """``accelerate launch`` with the repository's CPU config (configs/accelerate/cpu_2proc.yaml)."""
     out = tmp_path / "accelerate"
