@@ -16,9 +16,10 @@ ratios to LoRA at the same rank (``--rank``), with the quartiles of those ratios
 and the budget keeps the run finite. The ``--quick`` shape is small, so costs that grow with a layer's width rather
 than its square (generating or reading a basis, Python overhead per layer) weigh more there than at the papers' shapes.
 
-Peak training memory is measured per method in a process of its own, so one method's allocations cannot hide or
-inflate another's: the script re-invokes itself (hidden ``--_memory_worker``), the worker imports the libraries once
-and then forks one child per (shape, method) before it has run any torch operation. The child builds the base model
+Peak training memory is measured per method apart from the timing runs: the script re-invokes itself (hidden
+``--_memory_worker``). On CPU the worker imports the libraries once and then forks one child per (shape, method)
+before it has run any torch operation, so one method's allocations cannot hide or inflate another's; on CUDA (where
+a forked child cannot use the GPU) the worker runs the jobs one after another, freeing each before the next. The child builds the base model
 and the adapter, resets the peak counter, and runs ``--mem_steps`` training steps (the first creates the optimizer
 state, the rest are steady-state). Construction (e.g. NoRA's SVD) is thus excluded; the lazily generated NOLA basis
 is included. The peak is
@@ -91,7 +92,7 @@ class Shape:
     """A base model built from a config, which modules are adapted, and the input batch."""
 
     config: object
-    targets: list | str  # module names, or a regex matched against the full module name
+    targets: list
     output_slices: dict | None
     batch: int
     seq: int | None
@@ -106,6 +107,8 @@ class Settings:
     nora_inner_r: int = 4
     vera_r: int = 256
     device: str = "cpu"
+    batch: int | None = None  # None: the shape's own batch size
+    seq: int | None = None  # None: the shape's own sequence length (ViT: always its image's patches)
 
 
 def shapes() -> dict[str, Shape]:
@@ -127,9 +130,16 @@ def shapes() -> dict[str, Shape]:
         "llama-stack": Shape(
             LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32, **llama),
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None, 2, 64),
-        # A regex: a suffix "output.dense" would also match the attention block's output projection.
-        "vit-b-mlp": Shape(ViTConfig(), r".*\.layer\.\d+\.(intermediate|output)\.dense", None, 8, None),
+        "vit-b-mlp": Shape(ViTConfig(), ["fc1", "fc2"], None, 8, None),
     }
+
+
+def get_shape(name: str, settings: Settings) -> Shape:
+    """``shapes()[name]`` with the batch size and sequence length of ``settings`` where those are set."""
+    shape = shapes()[name]
+    shape.batch = settings.batch or shape.batch
+    shape.seq = shape.seq and (settings.seq or shape.seq)
+    return shape
 
 
 def baseline_name(settings: Settings) -> str:
@@ -139,8 +149,7 @@ def baseline_name(settings: Settings) -> str:
 def method_configs(shape: Shape, settings: Settings) -> dict[str, object]:
     """Each method's peft config for ``shape``, by method name (fresh objects: peft mutates configs)."""
     is_gpt2 = isinstance(shape.config, GPT2Config)
-    targets = shape.targets if isinstance(shape.targets, str) else list(shape.targets)
-    common = dict(target_modules=targets, fan_in_fan_out=is_gpt2)
+    common = dict(target_modules=list(shape.targets), fan_in_fan_out=is_gpt2)
     lowrank = dict(common, output_slices=shape.output_slices)
     nola = dict(lowrank, r=settings.rank, num_basis_A=settings.num_basis, num_basis_B=settings.num_basis)
     configs = {f"lora r={r}": LoraConfig(r=r, lora_alpha=r, **common) for r in sorted({1, 4, 8, settings.rank})}
@@ -167,8 +176,10 @@ def select_methods(shape: Shape, settings: Settings, wanted: list[str] | None) -
 
 
 def build_base(shape: Shape, device: str) -> torch.nn.Module:
+    """The seeded base model of ``shape``, initialised directly on ``device`` (minutes saved on the large shapes)."""
     torch.manual_seed(0)
-    return AutoModel.from_config(shape.config).to(device)
+    with torch.device(device):
+        return AutoModel.from_config(shape.config)
 
 
 def sharing_copy(base: torch.nn.Module) -> torch.nn.Module:
@@ -181,6 +192,7 @@ def sharing_copy(base: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_batch(shape: Shape, device: str) -> dict:
+    """A seeded random input batch of ``shape.batch`` sequences of ``shape.seq`` tokens (or images)."""
     generator = torch.Generator().manual_seed(0)
     if isinstance(shape.config, ViTConfig):
         size = shape.config.image_size
@@ -309,7 +321,7 @@ def _release_free_memory() -> None:
 
 def memory_child(name: str, method: str, settings: Settings, steps: int) -> dict:
     """Build ``method`` on ``name`` and return the peak memory of ``steps`` training steps (see module docstring)."""
-    shape = shapes()[name]
+    shape = get_shape(name, settings)
     device = settings.device
     model = get_peft_model(build_base(shape, device), method_configs(shape, settings)[method]).to(device)
     model.train()
@@ -328,14 +340,32 @@ def memory_child(name: str, method: str, settings: Settings, steps: int) -> dict
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
     else:
         peak, kind = _proc_status_bytes("VmHWM"), "peak RSS (VmHWM)" if reset else "peak RSS since start"
-    return {"shape": name, "method": method, "peak_bytes": peak, "before_steps_bytes": baseline,
-            "peak_kind": kind, "basis_bytes": frozen_state_bytes(model)}
+    result = {"shape": name, "method": method, "peak_bytes": peak, "before_steps_bytes": baseline,
+              "peak_kind": kind, "basis_bytes": frozen_state_bytes(model)}
+    del model, optimizer, batch  # on CUDA the next job runs in this process
+    return result
 
 
 def _memory_worker(payload: str) -> None:
-    """Hidden entry point: fork one child per job (see module docstring) and print each result as a JSON line."""
+    """Hidden entry point: measure each job (see module docstring) and print each result as a JSON line.
+
+    On CPU each job runs in a child forked before any torch operation. On CUDA, where a forked child cannot use the
+    GPU, the jobs run one after another in this process: ``max_memory_allocated`` counts live tensors only, so what
+    an earlier job freed cannot inflate a later one (``leftover_bytes`` shows anything it did not free).
+    """
     request = json.loads(payload)
     settings = Settings(**request["settings"])
+    if settings.device.startswith("cuda"):
+        for name, method in request["jobs"]:
+            gc.collect()
+            torch.cuda.empty_cache()
+            leftover = torch.cuda.memory_allocated(settings.device)
+            try:
+                result = dict(memory_child(name, method, settings, request["steps"]), leftover_bytes=leftover)
+            except Exception as error:  # reported to the parent, which shows it in the table
+                result = {"shape": name, "method": method, "error": f"{type(error).__name__}: {error}"}
+            print("BENCH_MEMORY " + json.dumps(result), flush=True)
+        return
     for name, method in request["jobs"]:
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -530,7 +560,10 @@ def _verdict(met) -> str:
 
 def format_tables(result: dict) -> str:
     settings = result["settings"]
-    lines = [f"Step time (median of {result['reps']} interleaved rounds after {result['warmup']} warm-up; "
+    lines = ["Shapes: " + "; ".join(
+        f"{name} (batch {shape['batch']}" + (f" x {shape['seq']} tokens" if shape["seq"] else " images")
+        + f", adapting {'+'.join(shape['targets'])})" for name, shape in result["shapes"].items()), "",
+             f"Step time (median of {result['reps']} interleaved rounds after {result['warmup']} warm-up; "
              f"ratio = median of per-round ratios to LoRA r={settings['rank']}, [quartiles]; "
              f"NOLA k=l={settings['num_basis']}, r={settings['rank']})", "",
              "| shape | method | trainable params | n | step ms | ratio vs LoRA | target | met |", "|" + "---|" * 8]
@@ -545,7 +578,7 @@ def format_tables(result: dict) -> str:
               "| shape | method | peak | peak − LoRA | training overhead | basis / frozen state | adapter file (KB) "
               "| target met |", "|" + "---|" * 8]
     for row in result["steps"]:
-        peak = _mb(row["peak_bytes"]) if row["memory_error"] is None else f"error: {row['memory_error']}"
+        peak = _mb(row["peak_bytes"]) if row["memory_error"] is None else f"error: {row['memory_error'][:60]}"
         lines.append(f"| {row['shape']} | {row['method']} | {peak} | {_mb(row['peak_minus_lora_bytes'])} | "
                      f"{_mb(row['training_overhead_bytes'])} | {_mb(row['basis_bytes'])} | "
                      f"{row['adapter_file_bytes'] / 1024:,.1f} | {_verdict(row['memory_target_met'])} |")
@@ -643,6 +676,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--nora_inner_r", type=int, default=4)
     parser.add_argument("--vera_r", type=int, default=256, help="VeRA's rank (its A and B are shared by all layers)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every shape (default: each shape's)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length of the text shapes (default: each's)")
     parser.add_argument("--reps", type=int, default=None, help="measured rounds (default 10 quick, 20 full)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1 quick, 2 full)")
     parser.add_argument("--budget_s", type=float, default=None,
@@ -666,23 +701,23 @@ def main(argv=None) -> dict:
     budget_s = args.budget_s or (10.0 if args.quick else 300.0)
     if args.merge_shapes is None:
         args.merge_shapes = ["gpt2-medium-qv"] if "gpt2-medium-qv" in selected else selected[:1]
-    settings = Settings(args.rank, args.num_basis, args.nora_inner_r, args.vera_r, args.device)
+    settings = Settings(args.rank, args.num_basis, args.nora_inner_r, args.vera_r, args.device, args.batch, args.seq)
     started = time.perf_counter()
     torch.set_grad_enabled(True)
 
     memory = []
     if not args.skip_memory:  # first: the worker must not compete with the timing below for the CPU
-        jobs = [(name, method) for name in selected for method in select_methods(shapes()[name], settings, args.methods)]
+        jobs = [(name, method) for name in selected for method in select_methods(get_shape(name, settings), settings, args.methods)]
         memory = measure_memory(jobs, settings, args.mem_steps)
     steps = []
     for name in selected:
-        steps += bench_steps(name, shapes()[name], settings, args.methods, reps, warmup, budget_s)
+        steps += bench_steps(name, get_shape(name, settings), settings, args.methods, reps, warmup, budget_s)
         gc.collect()
     add_memory_and_targets(steps, memory, settings)
     merge, switch = [], []
     for name in args.merge_shapes:
-        merge += bench_merge(name, shapes()[name], settings, args.methods, reps=min(reps, 5), budget_s=budget_s)
-        switch += bench_switch(name, shapes()[name], settings, args.methods, args.num_adapters, reps=min(reps, 10),
+        merge += bench_merge(name, get_shape(name, settings), settings, args.methods, reps=min(reps, 5), budget_s=budget_s)
+        switch += bench_switch(name, get_shape(name, settings), settings, args.methods, args.num_adapters, reps=min(reps, 10),
                                budget_s=budget_s)
         gc.collect()
     result = {
@@ -692,6 +727,8 @@ def main(argv=None) -> dict:
                    else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"),
         "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,
                      "transformers": __import__("transformers").__version__, "peft_nola": peft_nola.__version__},
+        "shapes": {name: {"batch": get_shape(name, settings).batch, "seq": get_shape(name, settings).seq,
+                          "targets": get_shape(name, settings).targets} for name in selected + args.merge_shapes},
         "settings": asdict(settings), "reps": reps, "warmup": warmup, "budget_s": budget_s,
         "mem_steps": args.mem_steps, "steps": steps, "memory": memory, "merge": merge,
         "merge_verdicts": merge_verdicts(merge), "switch": switch,
