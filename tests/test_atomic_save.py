@@ -1,0 +1,145 @@
+"""save_pretrained_atomic: a save killed midway leaves the previous complete adapter (or the new one), never a
+half-written file; other files in the folder survive."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_nola import NolaConfig, save_pretrained_atomic
+
+from .conftest import REPO_ROOT, TinyMLP
+
+# Large enough (2 x 16 MB of coefficients) that a save takes a few hundred milliseconds, so a kill lands inside one.
+BIG = dict(r=1, num_basis_A=2_000_000, num_basis_B=2_000_000, target_modules=["lin0", "lin1"])
+
+# A process that imports and builds the model once, then for each "go" on stdin forks a saver that writes versions
+# 1000·trial, 1000·trial + 1, ... of the adapter in a loop (every coefficient of version v equals v) until the test
+# kills it. One thread, so the forked savers never touch an OpenMP pool inherited from their parent.
+SAVE_SERVER = """
+import os, sys, torch
+torch.set_num_threads(1)
+from peft import get_peft_model
+from peft_nola import NolaConfig, save_pretrained_atomic
+from tests.conftest import TinyMLP
+torch.manual_seed(0)
+model = get_peft_model(TinyMLP(), NolaConfig(**{big}))
+save = (lambda d: save_pretrained_atomic(model, d)) if sys.argv[2] == "atomic" else model.save_pretrained
+params = [p for n, p in model.named_parameters() if "nola_coef" in n]
+for trial, _ in enumerate(sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        for version in range(1000 * trial, 1000 * (trial + 1)):
+            with torch.no_grad():
+                for p in params:
+                    p.fill_(version)
+            print("start", version, os.getpid(), flush=True)
+            save(sys.argv[1])
+            print("saved", version, os.getpid(), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("ended", status, pid, flush=True)
+"""
+
+
+def adapter_state(folder: Path) -> tuple[int, int, bool] | None:
+    """(weights bytes, config bytes, weights newer than config), or None while a file is missing."""
+    try:
+        weights, config = (folder / "adapter_model.safetensors").stat(), (folder / "adapter_config.json").stat()
+    except FileNotFoundError:
+        return None
+    return weights.st_size, config.st_size, weights.st_mtime_ns > config.st_mtime_ns
+
+
+def coefficient_versions(folder: Path) -> set[float]:
+    """Load the adapter with every check; the set of values its coefficients hold."""
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(TinyMLP(), str(folder))
+    return {float(v) for n, p in model.named_parameters() if "nola_coef" in n for v in p.unique()}
+
+
+def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool = False, seed: int = 0) -> list:
+    """Kill a saving process ``kills`` times, at random moments or (``kill_when_torn``) as soon as the adapter is
+    seen torn. Returns ``(last saved version, killed mid-save, file seen torn, outcome)`` per kill, where the
+    outcome is the set of coefficient values loaded afterwards, or the error loading raised."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    server = subprocess.Popen([sys.executable, "-c", SAVE_SERVER.format(big=BIG), str(folder), mode],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+    rng = random.Random(seed)
+    results = []
+    try:
+        for _ in range(kills):
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            lines = []
+            while not lines or lines[-1][0] != "saved":
+                lines.append(server.stdout.readline().split())
+            # Until the kill, watch the adapter: torn = a file seen at another size than a complete save's, or the
+            # weights newer than the config (the pair of a new weights file and the old config).
+            complete = adapter_state(folder)
+            deadline, torn = time.monotonic() + (30 if kill_when_torn else rng.uniform(0.05, 0.5)), False
+            while time.monotonic() < deadline and not (torn and kill_when_torn):
+                state = adapter_state(folder)
+                torn |= state is None or state[:2] != complete[:2] or state[2]
+            os.kill(int(lines[-1][2]), signal.SIGKILL)
+            while lines[-1][0] != "ended":
+                lines.append(server.stdout.readline().split())
+            assert os.WIFSIGNALED(int(lines[-1][1])) and os.WTERMSIG(int(lines[-1][1])) == signal.SIGKILL
+            last_saved = max(int(v) for word, v, _ in lines if word == "saved")
+            mid_save = lines[-2][0] == "start"
+            try:
+                outcome = coefficient_versions(folder)
+            except Exception as error:  # noqa: BLE001 - the outcome we measure
+                outcome = error
+            results.append((last_saved, mid_save, torn, outcome))
+    finally:
+        server.kill()
+        server.wait()
+    return results
+
+
+def test_killed_atomic_saves_leave_a_complete_adapter(tmp_path):
+    results = kill_during_saves(tmp_path / "adapter", "atomic", kills=6)
+    assert sum(mid for _, mid, _, _ in results) >= 3, f"the kills did not land inside saves: {results}"
+    for last_saved, mid_save, torn, outcome in results:
+        assert not torn, "the adapter was seen half-written"
+        assert not isinstance(outcome, Exception), f"a killed save broke the adapter: {outcome!r}"
+        # One complete version: the last one saved, or the one being saved if its files were already moved in.
+        assert outcome in ({last_saved}, {last_saved + 1}) if mid_save else outcome == {last_saved}
+
+
+@pytest.mark.slow
+def test_killed_in_place_saves_do_break_adapters(tmp_path):
+    """The hazard the atomic save removes: peft's own save_pretrained replaces the weights and then rewrites the config
+    in place; killed in between it leaves new weights with the old config (or a truncated config): not loadable."""
+    results = kill_during_saves(tmp_path / "adapter", "in_place", kills=3, kill_when_torn=True)
+    assert all(torn for *_, torn, _ in results), results
+    # The kill follows the sighting within microseconds; the broken state lasts milliseconds.
+    assert sum(isinstance(outcome, Exception) for *_, outcome in results) >= 2, results
+
+
+def test_atomic_save_replaces_the_adapter_and_keeps_other_files(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(TinyMLP(), NolaConfig(r=2, num_basis_A=16, num_basis_B=8, target_modules=["lin0", "lin1"]))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "README.md").write_text("# My adapter\n\nHand-written notes.\n")
+    for version in (1.0, 2.0):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "nola_coef" in name:
+                    param.fill_(version)
+        save_pretrained_atomic(model, folder)
+        assert coefficient_versions(folder) == {version}
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert "Hand-written notes." in (folder / "README.md").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
