@@ -9,6 +9,9 @@ model in DDP itself when the launcher started several processes), then every ran
   training started (0 means DDP had nothing to broadcast: each rank generated its basis itself), the logged losses;
 - ``adapter/`` (through ``Trainer.save_model``) and ``checkpoint-{steps}/`` (Trainer's own checkpoint).
 
+With ``--fsdp2 root|per_block`` the same training runs in a plain loop on a model sharded by torch's FSDP2
+``fully_shard`` (gloo on CPU), and the coefficients are gathered into a full state dict before they are written.
+
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT --per_device_batch 2
 """
 
