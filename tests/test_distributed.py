@@ -157,9 +157,6 @@ def test_fsdp2_root_unit_on_cpu_matches_one_process(tmp_path, single_process_run
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="NOLA's shared-basis combiner reads every layer's coefficients during the "
-                   "first adapted layer's forward; with one FSDP unit per block the other blocks' coefficients are "
-                   "still sharded DTensors (aten.cat got mixed torch.Tensor and DTensor). basis_mode per_layer works.")
 def test_fsdp2_one_unit_per_block_with_shared_basis(tmp_path, single_process_run, reference_basis_digest):
     out = tmp_path / "fsdp2_per_block"
     launch(torchrun(str(WORKER), str(out), "--per_device_batch", "2", "--steps", str(STEPS), "--fsdp2", "per_block"))

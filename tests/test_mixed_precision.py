@@ -61,17 +61,7 @@ def coefficients(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-# Library bug found by this test (peft_nola/tuners/nola/layer.py, _BasisCombination.backward, used by the stored-basis
-# modes): under autocast the forward product comes out in bfloat16, backward runs outside autocast and multiplies the
-# bfloat16 gradient with the float32 basis -> "RuntimeError: expected m1 and m2 to have the same dtype, but got:
-# float != c10::BFloat16". Casting the gradient to the basis dtype in backward fixes it (the figures above for the
-# shared mode were measured with that fix applied). strict: once fixed these XPASS and fail, so the marker goes.
-STORED_BASIS_BF16_BUG = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                          reason="NOLA backward under bf16 autocast: bfloat16 gradient x float32 basis")
-
-
-@pytest.mark.parametrize("basis_mode", [pytest.param("shared", marks=STORED_BASIS_BF16_BUG),
-                                        pytest.param("per_layer_cached", marks=STORED_BASIS_BF16_BUG), "per_layer"])
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer_cached", "per_layer"])
 def test_bf16_autocast_training_tracks_float32_and_keeps_float32_state(basis_mode, tmp_path):
     fp32_run = train(tmp_path / "fp32", basis_mode)
     bf16 = train(tmp_path / "bf16", basis_mode, bf16=True)

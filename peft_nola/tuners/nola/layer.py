@@ -8,6 +8,11 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
 from ...basis import basis_rows, uniform_stream
 from ...quantization import fake_quantize
 from ..lowrank import LowRankLayer
@@ -60,11 +65,13 @@ class _BasisCombination(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         ctx.basis = basis
-        return rows_times_basis(rows, basis)
+        with _no_autocast(rows):
+            return rows_times_basis(rows, basis)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grads_times_basis(grad.contiguous(), ctx.basis), None
+        with _no_autocast(grad):
+            return grads_times_basis(grad.to(ctx.basis.dtype).contiguous(), ctx.basis), None
 
 
 class _OnTheFlyCombination(torch.autograd.Function):
@@ -76,16 +83,26 @@ class _OnTheFlyCombination(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coef: torch.Tensor, seed: int, stream: str, numel: int) -> torch.Tensor:
         ctx.basis_args = (seed, stream, coef.shape[0], numel)
+        ctx.dtype = coef.dtype
         out = None
-        for start, rows in _chunks(seed, stream, coef.shape[0], numel, coef.device, coef.dtype):
-            part = coef[start : start + rows.shape[0]] @ rows
-            out = part if out is None else out + part
+        with _no_autocast(coef):
+            for start, rows in _chunks(seed, stream, coef.shape[0], numel, coef.device, coef.dtype):
+                part = coef[start : start + rows.shape[0]] @ rows
+                out = part if out is None else out + part
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        chunks = _chunks(*ctx.basis_args, grad_out.device, grad_out.dtype)
-        return torch.cat([rows @ grad_out for _, rows in chunks]), None, None, None
+        grad_out = grad_out.to(ctx.dtype)
+        with _no_autocast(grad_out):
+            chunks = _chunks(*ctx.basis_args, grad_out.device, grad_out.dtype)
+            return torch.cat([rows @ grad_out for _, rows in chunks]), None, None, None
+
+
+def _no_autocast(like: torch.Tensor):
+    """The basis combination runs in the coefficients' dtype: under autocast (AMP) only the adapter's products with
+    the activations drop to bf16/fp16, not the sum over the k basis matrices."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _chunks(seed: int, stream: str, num_basis: int, numel: int, device, dtype):
@@ -132,7 +149,12 @@ class SharedBasisCombiner:
             return self._combine([layer], adapter_name)[id(layer)]
         key = (adapter_name, torch.is_grad_enabled())
         if key not in self.cache:
-            self.cache[key] = self._combine(self.layers.get(adapter_name, []), adapter_name)
+            layers = self.layers.get(adapter_name, [])
+            if any(_is_shard(other, adapter_name) for other in layers):
+                # FSDP/ZeRO-3 with a unit per block: other blocks' coefficients are still sharded while this block
+                # runs, so each layer is combined on its own (bit-identical factors, one basis read per layer).
+                return self._combine([layer], adapter_name)[id(layer)]
+            self.cache[key] = self._combine(layers, adapter_name)
         return self.cache[key][id(layer)]
 
     def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
@@ -176,6 +198,14 @@ class SharedBasisCombiner:
             )
             for layer in layers
         }
+
+
+def _is_shard(layer: "NolaLayer", adapter_name: str) -> bool:
+    """Whether ``layer``'s coefficients are a shard (FSDP2/DTensor) or an empty placeholder (FSDP1, ZeRO-3)."""
+    return any(
+        isinstance(coef, DTensor) or coef.numel() == 0
+        for coef in (layer.nola_coef_A[adapter_name], layer.nola_coef_B[adapter_name])
+    )
 
 
 class NolaLayer(LowRankLayer):
