@@ -13,6 +13,8 @@ The public API is deliberately small:
 * :func:`build_peft_config` / :func:`apply_method` - ``method: nola | lora | nora | full`` -> a peft config / adapted
   model; :func:`check_target_modules` fails early on target names the model does not have.
 * :func:`count_trainable_parameters`, :func:`save_adapter` (returns adapter bytes), :func:`peak_memory_bytes`.
+* :func:`resume_checkpoint` - what ``resume_from_checkpoint`` means (``true``: the newest checkpoint that Trainer
+  finished writing, :func:`latest_complete_checkpoint`; a folder torn by a kill mid-save is skipped).
 * :func:`write_results` - ``results.json`` and ``results.md`` in the project's results format; :func:`markdown_table`.
 * :func:`default_data_root` - ``$PEFT_NOLA_DATA_DIR`` or ``../shared/data`` next to the repository.
 """
@@ -453,14 +455,50 @@ def count_trainable_parameters(model) -> int:
 
 
 def save_adapter(model, output_dir: str | os.PathLike) -> int:
-    """Save the trained adapter (or the full model for ``full``) and return the bytes of its weight files."""
+    """Save the trained adapter (or the full model for ``full``) and return the bytes of its weight files.
+
+    Saved with :func:`peft_nola.save_pretrained_atomic`: an interrupted save leaves the previous files complete.
+    """
+    from peft_nola import save_pretrained_atomic
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = getattr(model, "get_base_model", lambda: model)()
     _make_saveable(base)
-    model.save_pretrained(out)
+    save_pretrained_atomic(model, out)
     weight_files = [p for p in out.iterdir() if p.suffix in (".safetensors", ".bin")]
     return sum(p.stat().st_size for p in weight_files)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` that Trainer finished writing, or None.
+
+    Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a folder without it; Trainer's
+    own ``resume_from_checkpoint=True`` would pick that torn folder and fail (or resume from a half-written state).
+    """
+    complete = [p for p in Path(output_dir).glob("checkpoint-*")
+                if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint: value`` resumes from, or None to start afresh.
+
+    ``true`` is the newest complete checkpoint in ``output_dir``; anything else names a folder. Raises
+    :class:`RecipeError` when there is no such checkpoint, so recipes call it before any work starts.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "true", "True"):
+        latest = latest_complete_checkpoint(output_dir)
+        if latest is None:
+            raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder "
+                              "(one with a trainer_state.json): train with save_strategy steps/epoch first, or pass "
+                              "a checkpoint folder")
+        return str(latest)
+    if not resolve_path(value).is_dir():
+        raise RecipeError(f"resume_from_checkpoint folder not found: {value}")
+    return str(resolve_path(value))
 
 
 def peak_memory_bytes() -> int:

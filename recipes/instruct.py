@@ -255,6 +255,7 @@ def validate_config(config: InstructConfig) -> None:
         raise RecipeError(f"mmlu_split must be val or test, got '{config.mmlu_split}'")
     if config.bf16 and config.dtype == "float32":
         raise RecipeError("bf16: true needs dtype: bfloat16 (the dtype of the unquantized weights)")
+    common.resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "validation_size"):
         if getattr(config, key) < 1:
             raise RecipeError(f"{key} must be at least 1")
@@ -404,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         base_metrics["val_loss"] = trainer.evaluate()["eval_loss"]
 
     train_started = time.time()
-    train_output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(config.resume_from_checkpoint,
+                                                                                 config.output_dir))
     train_time = time.time() - train_started
     val_loss = trainer.evaluate()["eval_loss"]
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -37,6 +37,7 @@ from recipes.common import (
     RecipeError,
     build_peft_config,
     config_to_dict,
+    latest_complete_checkpoint,
     load_config,
     markdown_table,
     peak_memory_bytes,
@@ -376,8 +377,8 @@ def train_and_score(cfg: VisionConfig, base_model, method: str, train_set: Trans
     model = prepare_model(cfg, base_model, method, seed)
     trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, lr, seed), train_dataset=train_set,
                       data_collator=collate_images)
-    resume = cfg.resume_from_checkpoint and any(run_dir.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    latest = latest_complete_checkpoint(run_dir) if cfg.resume_from_checkpoint else None
+    trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     return predict_top1(trainer, eval_set), model
 
 

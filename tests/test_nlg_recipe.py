@@ -219,7 +219,7 @@ def test_quickstart_improves_on_the_base_model(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(RecipeError, match="holds no checkpoint"):
+    with pytest.raises(RecipeError, match="holds no complete checkpoint"):
         main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
 
 
