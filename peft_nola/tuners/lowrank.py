@@ -280,28 +280,34 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ---------------------------------------------------------------------------------------------------- math
-    def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's contribution to the layer's output for input ``x``, in the adapter's dtype."""
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` plus the adapter's contribution to the layer's output for input ``x``."""
         down, up = self._factors(adapter_name)
         x = self.adapter_dropout[adapter_name](self._cast_input_dtype(x, down.dtype))
         scale = self.scaling[adapter_name]
         if self.is_conv2d:
-            return self.get_base_layer()._conv_forward(x, self._conv_kernel(down, up) * scale, None)
+            delta = self.get_base_layer()._conv_forward(x, self._conv_kernel(down, up) * scale, None)
+            return result + delta.to(result.dtype)
         num_blocks, r, _ = down.shape
         hidden = F.linear(x, down.reshape(num_blocks * r, self.cols))  # (..., S * r)
+        up = self._full_up(up, adapter_name)  # (rows, S * r): one product covers every adapted block
+        if result.dtype != hidden.dtype:
+            return result + (F.linear(hidden, up) * scale).to(result.dtype)
+        # addmm adds the scaled product to the base output in one pass over it.
+        flat = torch.addmm(result.reshape(-1, self.rows), hidden.reshape(-1, num_blocks * r), up.T, alpha=scale)
+        return flat.view(result.shape)
+
+    def _full_up(self, up: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The output-side factors ``(S, rows / splits, r)`` as one ``(rows, S * r)`` matrix: block ``s`` sits in the
+        rows of its output slice and the columns of its ``r`` hidden units, zeros elsewhere."""
         splits, adapt = self.output_slices[adapter_name]
         if splits == 1:
-            return F.linear(hidden, up[0]) * scale
-        blocks = torch.einsum("...sr,snr->...sn", hidden.unflatten(-1, (num_blocks, r)), up) * scale
-        return self._place_blocks(blocks, splits, adapt, dim=-2).flatten(-2)
-
-    @staticmethod
-    def _place_blocks(blocks: torch.Tensor, splits: int, adapt: tuple[int, ...], dim: int) -> torch.Tensor:
-        """Scatter the adapted blocks into a zero tensor with ``splits`` blocks along ``dim``."""
-        shape = list(blocks.shape)
-        shape[dim] = splits
-        index = torch.tensor(adapt, device=blocks.device)
-        return blocks.new_zeros(shape).index_copy(dim, index, blocks)
+            return up[0]
+        num_blocks, block_rows, r = up.shape
+        blocks = torch.block_diag(*up.unbind(0)).view(num_blocks, block_rows, num_blocks * r)
+        shape = (splits, block_rows, num_blocks * r)
+        index = torch.tensor(adapt, device=up.device)
+        return blocks.new_zeros(shape).index_copy(0, index, blocks).view(self.rows, num_blocks * r)
 
     def _conv_kernel(self, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return (up[0] @ down[0]).view(self.get_base_layer().weight.shape)
@@ -313,8 +319,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         scale = self.scaling[adapter_name]
         if self.is_conv2d:
             return self._conv_kernel(down, up) * scale
-        splits, adapt = self.output_slices[adapter_name]
-        delta = self._place_blocks(torch.bmm(up, down) * scale, splits, adapt, dim=0).reshape(self.rows, self.cols)
+        num_blocks, r, _ = down.shape
+        delta = self._full_up(up, adapter_name) @ down.reshape(num_blocks * r, self.cols) * scale
         return delta.T if self.fan_in_fan_out else delta
 
     # ------------------------------------------------------------------------------------------- merge/unmerge
@@ -362,7 +368,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter_name in self.active_adapters:
             if adapter_name in self.scaling:
-                result = result + self._delta_output(x, adapter_name).to(result.dtype)
+                result = self._add_delta(result, x, adapter_name)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
@@ -374,7 +380,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             if adapter_name not in self.scaling:
                 continue
             rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
-            result[rows] += self._delta_output(x[rows], adapter_name).to(result.dtype)
+            result[rows] = self._add_delta(result[rows], x[rows], adapter_name)
         return result
 
     def __repr__(self) -> str:
