@@ -331,6 +331,7 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
         model_type, kwargs, seed = split_model_config(args.model_config, "{model_type: gpt2, n_embd: 32, n_layer: 2}")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=dtype)
+        _name_causal_lm_loss(model)
         tokenizer = load_tokenizer(args)
         return model, tokenizer
     location, gguf = _locate_model(args)
@@ -346,9 +347,18 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
             f"local directory with --model_name_or_path (or use {SMOLLM2_PACKAGE})."
         ) from None
     _make_saveable(model)
+    _name_causal_lm_loss(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _name_causal_lm_loss(model) -> None:
+    """transformers derives ``loss_type`` from the class name; for ``GPT2LMHeadModel`` it finds none, and the model
+    falls back to the causal-LM loss while Trainer, seeing no causal-LM loss type, counts every label token instead of
+    the shifted ones when averaging over a batch (loss and gradient scaled by tokens / (tokens + batch size))."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
 
 
 def _make_saveable(model) -> None:

@@ -19,7 +19,7 @@ from recipes.common import (
     save_adapter,
     write_results,
 )
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import shared_data_dir, tiny_gpt2, tiny_llama
 
 
 @dataclass
@@ -155,3 +155,30 @@ def test_smollm2_gguf_loads_as_plain_fp32_and_saves(tmp_path):
     assert next(model.parameters()).dtype.is_floating_point and tokenizer.pad_token is not None
     model.save_pretrained(tmp_path / "full")  # refuses while the GGUF quantizer marker is still attached
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_trainer_loss_is_the_models_mean_over_shifted_tokens(tmp_path):
+    """The first logged training loss equals the model's own loss on the batch (mean cross-entropy over the predicted,
+    i.e. shifted, label tokens). transformers 5.23 scales it by tokens / (tokens + batch) for GPT-2 unless the recipe
+    names the loss type."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer_json = shared_data_dir() / "gpt2_tokenizer" / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        pytest.skip(f"GPT-2 tokenizer not present at {tokenizer_json}; see ../shared/data/MANIFEST.md")
+    model, _ = load_model_and_tokenizer(ModelArgs(model_config={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
+                                                                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                                                  tokenizer_name_or_path=str(tokenizer_json)))
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :5] = -100  # rows of different lengths; row 0 has a label at position 0, which no prediction targets
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss.item()
+    rows = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+                             logging_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+    assert logged == pytest.approx(expected, rel=1e-4)
