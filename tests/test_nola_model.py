@@ -346,10 +346,14 @@ def test_modules_to_save_is_trained_and_saved(tmp_path):
     (dict(bias="lora_only"), "bias must be one of"),
     (dict(output_slices={"c_attn": {"splits": 3, "adapt": [3]}}), r"adapt'\] must be a non-empty list"),
     (dict(output_slices={"c_attn": [0, 2]}), "exactly the keys 'splits' and 'adapt'"),
+    (dict(target_modules=2.5), "target_modules must be a module name, a regex, or a list of names, got 2.5"),
+    (dict(layers_to_transform=["0"]), "layers_to_transform must be a layer index or a list of indices"),
+    (dict(fan_in_fan_out="yes"), "fan_in_fan_out must be true or false"),
+    (dict(modules_to_save="lm_head"), "modules_to_save must be a list of names"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        NolaConfig(target_modules=["q_proj"], **kwargs)
+        NolaConfig(**{"target_modules": ["q_proj"], **kwargs})
 
 
 def test_unsupported_layer_and_no_match_are_clear_errors():

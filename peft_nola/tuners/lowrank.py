@@ -60,6 +60,26 @@ def require_probability(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
+def _names(value: Any, item_type: type = str) -> bool:
+    """None, one ``item_type``, or a list/set of them (how peft's configs name modules and layers)."""
+    items = value if isinstance(value, (list, set, tuple)) else [value]
+    return value is None or all(isinstance(item, item_type) and not isinstance(item, bool) for item in items)
+
+
+# Shared fields whose values must have these types (checked on creation and on load, before anything is adapted).
+_FIELD_TYPES = {
+    "target_modules": (_names, "a module name, a regex, or a list of names"),
+    "exclude_modules": (_names, "a module name, a regex, or a list of names"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, (list, set, tuple)) and _names(v)), "a list of names"),
+    "layers_to_transform": (lambda v: _names(v, int), "a layer index or a list of indices"),
+    "layers_pattern": (_names, "a name or a list of names"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "init_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "layout_fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
+    "weights_checksum": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+
+
 @dataclass
 class LowRankConfig(PeftConfig):
     """Fields every low-rank method here shares; see :class:`peft_nola.NolaConfig` for their meaning."""
@@ -119,6 +139,9 @@ class LowRankConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for name, (valid, expected) in _FIELD_TYPES.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
