@@ -251,15 +251,26 @@ def log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ step time
 def bench_steps(name: str, shape: Shape, settings: Settings, methods: list[str] | None, reps: int, warmup: int,
-                budget_s: float) -> list[dict]:
-    """Interleaved training-step timing of every method on ``shape``; one row per method."""
+                budget_s: float, errors: list | None = None) -> list[dict]:
+    """Interleaved training-step timing of every method on ``shape``; one row per method.
+
+    A method that cannot be built (e.g. a stored basis larger than the memory peft-nola allows) is left out and
+    reported in ``errors``; the LoRA baseline must build.
+    """
     device = settings.device
     base = build_base(shape, device)
     batch = make_batch(shape, device)
     runs = {}
     for method, config in select_methods(shape, settings, methods).items():
         start = time.perf_counter()
-        model = get_peft_model(sharing_copy(base), config).to(device)
+        try:
+            model = get_peft_model(sharing_copy(base), config).to(device)
+        except Exception as error:
+            if method == baseline_name(settings) or errors is None:
+                raise
+            errors.append({"shape": name, "method": method, "error": f"{type(error).__name__}: {error}"})
+            log(f"{name}: {method} left out: {errors[-1]['error']}")
+            continue
         model.train()
         runs[method] = (model, torch.optim.AdamW(trainable_params(model), lr=1e-4))
         log(f"{name}: built {method} in {time.perf_counter() - start:.1f} s")
@@ -356,7 +367,9 @@ def _memory_worker(payload: str) -> None:
     request = json.loads(payload)
     settings = Settings(**request["settings"])
     if settings.device.startswith("cuda"):
-        for name, method in request["jobs"]:
+        # The first job once more, unreported, beforehand: the first CUDA work of a process allocates lasting state
+        # (e.g. cuBLAS workspaces, tens of MB) that would otherwise count against the first job only.
+        for index, (name, method) in enumerate(request["jobs"][:1] + request["jobs"]):
             gc.collect()
             torch.cuda.empty_cache()
             leftover = torch.cuda.memory_allocated(settings.device)
@@ -364,7 +377,8 @@ def _memory_worker(payload: str) -> None:
                 result = dict(memory_child(name, method, settings, request["steps"]), leftover_bytes=leftover)
             except Exception as error:  # reported to the parent, which shows it in the table
                 result = {"shape": name, "method": method, "error": f"{type(error).__name__}: {error}"}
-            print("BENCH_MEMORY " + json.dumps(result), flush=True)
+            if index > 0:
+                print("BENCH_MEMORY " + json.dumps(result), flush=True)
         return
     for name, method in request["jobs"]:
         read_end, write_end = os.pipe()
@@ -572,6 +586,7 @@ def format_tables(result: dict) -> str:
         lines.append(f"| {row['shape']} | {row['method']} | {row['trainable_params']:,} | {row['n']} | "
                      f"{row['step_ms']:.1f} | {row['ratio_vs_lora']:.3f} [{row['ratio_q1']:.3f}–{row['ratio_q3']:.3f}]"
                      f" | {target} | {_verdict(row['step_target_met'])} |")
+    lines += [f"- left out: {e['shape']} / {e['method']}: {e['error']}" for e in result.get("errors", [])]
     kind = next((row["peak_kind"] for row in result["steps"] if row.get("peak_kind")), "not measured")
     lines += ["", f"Memory (MB; peak = {kind} over {result['mem_steps']} training steps, each method in its own "
               f"process; target: peak ≤ LoRA's × {MEMORY_SLACK} + basis)", "",
@@ -709,9 +724,9 @@ def main(argv=None) -> dict:
     if not args.skip_memory:  # first: the worker must not compete with the timing below for the CPU
         jobs = [(name, method) for name in selected for method in select_methods(get_shape(name, settings), settings, args.methods)]
         memory = measure_memory(jobs, settings, args.mem_steps)
-    steps = []
+    steps, errors = [], []
     for name in selected:
-        steps += bench_steps(name, get_shape(name, settings), settings, args.methods, reps, warmup, budget_s)
+        steps += bench_steps(name, get_shape(name, settings), settings, args.methods, reps, warmup, budget_s, errors)
         gc.collect()
     add_memory_and_targets(steps, memory, settings)
     merge, switch = [], []
@@ -731,7 +746,7 @@ def main(argv=None) -> dict:
                           "targets": get_shape(name, settings).targets} for name in selected + args.merge_shapes},
         "settings": asdict(settings), "reps": reps, "warmup": warmup, "budget_s": budget_s,
         "mem_steps": args.mem_steps, "steps": steps, "memory": memory, "merge": merge,
-        "merge_verdicts": merge_verdicts(merge), "switch": switch,
+        "merge_verdicts": merge_verdicts(merge), "switch": switch, "errors": errors,
         "wall_s": time.perf_counter() - started,
     }
     tables = format_tables(result)
