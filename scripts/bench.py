@@ -404,7 +404,7 @@ def _memory_worker(payload: str) -> None:
 
 
 def measure_memory(jobs: list[tuple[str, str]], settings: Settings, steps: int) -> list[dict]:
-    """Peak training memory of each ``(shape, method)`` job, each in a process of its own (one worker for all)."""
+    """Peak training memory of each ``(shape, method)`` job, measured by one worker process (module docstring)."""
     if not hasattr(os, "fork"):
         log("no os.fork on this platform: peak memory not measured")
         return []
@@ -529,6 +529,7 @@ def bench_switch(name: str, shape: Shape, settings: Settings, methods: list[str]
                "switch_forward_ms": 1e3 * statistics.median(_repeat(switch, device, reps, budget_s))}
         model.merge_adapter()
         row["merged_switch_forward_ms"] = 1e3 * statistics.median(_repeat(switch_merged, device, reps, budget_s))
+        model.unmerge_adapter()  # the base weights are shared with the next method's model
         rows.append(row)
         log(f"{name}: switch {method}: forward {row['forward_ms']:.1f} ms, set_adapter+forward "
             f"{row['switch_forward_ms']:.1f} ms, unmerge/set/merge+forward {row['merged_switch_forward_ms']:.1f} ms")
@@ -588,8 +589,9 @@ def format_tables(result: dict) -> str:
                      f" | {target} | {_verdict(row['step_target_met'])} |")
     lines += [f"- left out: {e['shape']} / {e['method']}: {e['error']}" for e in result.get("errors", [])]
     kind = next((row["peak_kind"] for row in result["steps"] if row.get("peak_kind")), "not measured")
-    lines += ["", f"Memory (MB; peak = {kind} over {result['mem_steps']} training steps, each method in its own "
-              f"process; target: peak ≤ LoRA's × {MEMORY_SLACK} + basis)", "",
+    apart = "one method after another in one process" if kind.startswith("cuda") else "each method in its own process"
+    lines += ["", f"Memory (MB; peak = {kind} over {result['mem_steps']} training steps, {apart}; "
+              f"target: peak ≤ LoRA's × {MEMORY_SLACK} + basis)", "",
               "| shape | method | peak | peak − LoRA | training overhead | basis / frozen state | adapter file (KB) "
               "| target met |", "|" + "---|" * 8]
     for row in result["steps"]:
