@@ -108,3 +108,13 @@ def test_gradient_checkpointing_recomputes_identically(tmp_path):
         grads.append(torch.cat([layer.nola_coef_B["default"].grad.flatten() for layer in layers]))
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer_cached", "per_layer"])
+def test_merging_all_layers_at_once_equals_each_layer_alone(basis_mode):
+    """merge_adapter builds every ΔW in one product per basis; each must equal the layer's ΔW computed alone."""
+    model, layers = make("llama-all", basis_mode)
+    expected = {id(layer): layer.get_base_layer().weight.detach() + layer.get_delta_weight("default") for layer in layers}
+    model.merge_adapter()
+    for layer in layers:
+        assert torch.equal(layer.get_base_layer().weight.detach(), expected[id(layer)])

@@ -36,10 +36,21 @@ class NolaModel(LowRankTuner):
                 model.register_forward_hook(self.nola_combiner.end, always_call=True),
             ]
 
+    # Merging and unmerging build every layer's ΔW: inside one combiner span each shared basis is read once for all
+    # layers instead of once per layer (same bits either way).
+    def merge_adapter(self, *args, **kwargs) -> None:
+        with self.nola_combiner.span():
+            super().merge_adapter(*args, **kwargs)
+
+    def unmerge_adapter(self) -> None:
+        with self.nola_combiner.span():
+            super().unmerge_adapter()
+
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for handle in self._combiner_hooks:
             handle.remove()  # the returned base model must not keep the basis store alive
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        with self.nola_combiner.span():
+            return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
         return {"combiner": self.nola_combiner}
