@@ -20,8 +20,8 @@ from ..lowrank import LowRankLayer
 from .config import NolaConfig
 
 # Basis elements generated at a time (on-the-fly mode, and building a stored basis): the generator's int64 scratch
-# is a few times this, ~50 MB.
-_CHUNK_ELEMENTS = 2**22
+# is a few times this, ~5 MB.
+_CHUNK_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True)
