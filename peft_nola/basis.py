@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 
 import torch
 
@@ -109,8 +110,10 @@ def basis_rows(
     if not 0 <= row_start <= row_end <= num_basis:
         raise ValueError(f"rows {row_start}:{row_end} are outside a basis of {num_basis} matrices")
     values = uniform_stream(seed, stream, row_start * numel, (row_end - row_start) * numel, device=device)
-    scale = torch.tensor(1.0 / math.sqrt(num_basis), dtype=torch.float32, device=values.device)
-    return (values * scale).view(row_end - row_start, numel)
+    # The scale rounded to float32 once, as a Python number: the same bits as a float32 tensor scale on any device,
+    # without creating a device tensor (a host-to-device copy that would synchronise a CUDA stream for every chunk).
+    scale = struct.unpack("f", struct.pack("f", 1.0 / math.sqrt(num_basis)))[0]
+    return values.mul_(scale).view(row_end - row_start, numel)
 
 
 def generator_fingerprint(seed: int) -> str:

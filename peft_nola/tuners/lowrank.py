@@ -327,10 +327,11 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         if splits == 1:
             return up[0]
         num_blocks, block_rows, r = up.shape
-        blocks = torch.block_diag(*up.unbind(0)).view(num_blocks, block_rows, num_blocks * r)
-        shape = (splits, block_rows, num_blocks * r)
-        index = torch.tensor(adapt, device=up.device)
-        return blocks.new_zeros(shape).index_copy(0, index, blocks).view(self.rows, num_blocks * r)
+        blocks = torch.block_diag(*up.unbind(0)).split(block_rows)  # block s in columns s*r:(s+1)*r
+        # Placed by concatenation rather than an index tensor, which would be a synchronising host-to-device copy.
+        zeros = blocks[0].new_zeros(block_rows, num_blocks * r)
+        by_slice = dict(zip(adapt, blocks))
+        return torch.cat([by_slice.get(j, zeros) for j in range(splits)])
 
     def _conv_kernel(self, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return (up[0] @ down[0]).view(self.get_base_layer().weight.shape)
