@@ -50,6 +50,7 @@ Writes the tables (Markdown, also printed), JSON (``--out``) and a PNG chart bes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import datetime
@@ -436,10 +437,12 @@ def _timed(function, device: str) -> float:
 
 
 def materialize_all(model, adapter_name: str = "default") -> None:
-    """Form every adapted layer's ΔW (each one discarded at once: time, not memory, is measured)."""
+    """Form every adapted layer's ΔW (each one discarded at once: time, not memory, is measured), the way
+    ``merge_adapter`` does: for NOLA inside one combiner span, so each shared basis is read once for all layers."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    with torch.no_grad():
+    combiner = getattr(model.base_model, "nola_combiner", None)
+    with torch.no_grad(), (combiner.span() if combiner is not None else contextlib.nullcontext()):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and adapter_name in module.scaling:
                 module.get_delta_weight(adapter_name)
