@@ -67,8 +67,8 @@ def coefficient_versions(folder: Path) -> set[float]:
 
 def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool = False, seed: int = 0) -> list:
     """Kill a saving process ``kills`` times, at random moments or (``kill_when_torn``) as soon as the adapter is
-    seen torn. Returns ``(last saved version, killed mid-save, file seen torn, outcome)`` per kill, where the
-    outcome is the set of coefficient values loaded afterwards, or the error loading raised."""
+    seen torn. Returns ``(last saved version, killed mid-save, seen incomplete, seen torn, outcome)`` per kill,
+    where the outcome is the set of coefficient values loaded afterwards, or the error loading raised."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     server = subprocess.Popen([sys.executable, "-c", SAVE_SERVER.format(big=BIG), str(folder), mode],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
@@ -81,13 +81,16 @@ def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool 
             lines = []
             while not lines or lines[-1][0] != "saved":
                 lines.append(server.stdout.readline().split())
-            # Until the kill, watch the adapter: torn = a file seen at another size than a complete save's, or the
-            # weights newer than the config (the pair of a new weights file and the old config).
+            # Until the kill, watch the adapter. Incomplete: a file missing or at another size than a complete
+            # save's. Torn: incomplete, or the weights newer than the config (a new weights file with the old config;
+            # the atomic save has that state too, for the microseconds between its two renames).
             complete = adapter_state(folder)
-            deadline, torn = time.monotonic() + (30 if kill_when_torn else rng.uniform(0.05, 0.5)), False
+            deadline = time.monotonic() + (30 if kill_when_torn else rng.uniform(0.05, 0.5))
+            incomplete = torn = False
             while time.monotonic() < deadline and not (torn and kill_when_torn):
                 state = adapter_state(folder)
-                torn |= state is None or state[:2] != complete[:2] or state[2]
+                incomplete |= state is None or state[:2] != complete[:2]
+                torn |= incomplete or state[2]
             os.kill(int(lines[-1][2]), signal.SIGKILL)
             while lines[-1][0] != "ended":
                 lines.append(server.stdout.readline().split())
@@ -98,7 +101,7 @@ def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool 
                 outcome = coefficient_versions(folder)
             except Exception as error:  # noqa: BLE001 - the outcome we measure
                 outcome = error
-            results.append((last_saved, mid_save, torn, outcome))
+            results.append((last_saved, mid_save, incomplete, torn, outcome))
     finally:
         server.kill()
         server.wait()
@@ -107,9 +110,9 @@ def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool 
 
 def test_killed_atomic_saves_leave_a_complete_adapter(tmp_path):
     results = kill_during_saves(tmp_path / "adapter", "atomic", kills=6)
-    assert sum(mid for _, mid, _, _ in results) >= 3, f"the kills did not land inside saves: {results}"
-    for last_saved, mid_save, torn, outcome in results:
-        assert not torn, "the adapter was seen half-written"
+    assert sum(mid for _, mid, *_ in results) >= 3, f"the kills did not land inside saves: {results}"
+    for last_saved, mid_save, incomplete, _, outcome in results:
+        assert not incomplete, "a file of the adapter was seen missing or half-written"
         assert not isinstance(outcome, Exception), f"a killed save broke the adapter: {outcome!r}"
         # One complete version: the last one saved, or the one being saved if its files were already moved in.
         assert outcome in ({last_saved}, {last_saved + 1}) if mid_save else outcome == {last_saved}
