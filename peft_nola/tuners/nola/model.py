@@ -70,11 +70,10 @@ class NolaModel(LowRankTuner):
 
     def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
         """Refuse, before any module is replaced, a config whose stored basis would not fit in memory."""
-        if config.basis_mode == "per_layer" or not targets:
-            return
-        weight = targets[0][1].weight
         needed = basis_bytes(config, targets, config.basis_mode)
-        budget, where = basis_memory_budget(weight.device)
+        if needed == 0:
+            return  # the on-the-fly basis, or nothing targeted
+        budget, where = basis_memory_budget(targets[0][1].weight.device)
         if budget is None or needed <= budget:
             return
         raise MemoryError(
