@@ -7,8 +7,9 @@ Here every number is a pure function of ``(seed, stream name, index)``:
 
 * ``(seed, stream)`` is hashed with SHA-256 (Python's hashlib, identical everywhere) into three 32-bit keys;
 * each element index is mixed with the keys through three rounds of a 32-bit integer hash ("lowbias32",
-  C. Wellons), computed with int64 torch ops whose intermediate values never exceed 2**49, so there is no overflow
-  and nothing depends on the device;
+  C. Wellons), computed on the CPU with numpy's uint32 arithmetic (wrapping multiplication is defined for unsigned
+  integers) and on other devices with int64 torch ops whose intermediate values never exceed 2**49, so there is no
+  overflow and nothing depends on the device (tests/test_basis.py checks both against a pure-Python reference);
 * the top 24 bits become the odd integer ``2u + 1 - 2**24``, which times ``2**-24`` is an exactly representable
   float32 in (-1, 1): the distribution is uniform on (-1, 1), symmetric, mean 0, variance 1/3.
 
@@ -25,6 +26,7 @@ import json
 import math
 import struct
 
+import numpy as np
 import torch
 
 #: Part of every key: changing the algorithm must change this, so old adapters fail their fingerprint check loudly.
@@ -39,7 +41,7 @@ def _stream_keys(seed: int, stream: str) -> tuple[int, int, int]:
     return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(3))
 
 
-def _mul32_(x: torch.Tensor, constant: int) -> torch.Tensor:
+def _mul32_int64_(x: torch.Tensor, constant: int) -> torch.Tensor:
     """In place: ``x = (x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32); no intermediate exceeds 2**49."""
     high_part = x * (constant >> 16)
     high_part &= 0xFFFF
@@ -50,14 +52,65 @@ def _mul32_(x: torch.Tensor, constant: int) -> torch.Tensor:
     return x
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
+def _mul32_uint32_(x: np.ndarray, constant: int) -> np.ndarray:
+    """In place: ``x = (x * constant) mod 2**32`` for uint32 ``x`` (unsigned arithmetic wraps by definition)."""
+    x *= np.uint32(constant)
+    return x
+
+
+def _mix32_(x, mul32_):
     """In place: the lowbias32 integer hash of each element (a bijection of [0, 2**32))."""
     x ^= x >> 16
-    _mul32_(x, _MIX_CONSTANTS[0])
+    mul32_(x, _MIX_CONSTANTS[0])
     x ^= x >> 15
-    _mul32_(x, _MIX_CONSTANTS[1])
+    mul32_(x, _MIX_CONSTANTS[1])
     x ^= x >> 16
     return x
+
+
+def _hash(h, high_word, keys, mul32_):
+    """In place on the low words ``h`` of the indices: the three keyed rounds, then the top 24 bits."""
+    h ^= keys[0]
+    _mix32_(h, mul32_)
+    h ^= high_word
+    _mix32_(h, mul32_)
+    h ^= keys[2]
+    _mix32_(h, mul32_)
+    h >>= 8
+    return h
+
+
+def _unit_float_(top24):
+    """In place on float32 ``u`` in [0, 2**24): ``(2u + 1 - 2**24) * 2**-24``, each step exact in float32."""
+    top24 *= 2.0**-23
+    top24 += 2.0**-24 - 1  # 1 - 2**-24 has 24 significant bits, and every sum is representable: no rounding
+    return top24
+
+
+def _uniform_numpy(keys: tuple[int, int, int], start: int, count: int) -> torch.Tensor:
+    # On the CPU: numpy's uint32 arithmetic, ~5x faster than the int64 emulation (half the bytes, native multiply).
+    # The high word of the index is constant within each 2**32 block of indices.
+    out = np.empty(count, dtype=np.float32)
+    pos = start
+    while pos < start + count:
+        end = min(start + count, ((pos >> 32) + 1) << 32)
+        low = pos & _MASK32
+        h = np.arange(low, low + (end - pos), dtype=np.uint32)
+        high_word = np.uint32(((pos >> 32) + keys[1]) & _MASK32)
+        _hash(h, high_word, tuple(np.uint32(k) for k in keys), _mul32_uint32_)
+        out[pos - start : end - start] = h
+        pos = end
+    return torch.from_numpy(_unit_float_(out))
+
+
+def _uniform_torch(keys: tuple[int, int, int], start: int, count: int, device) -> torch.Tensor:
+    # Elsewhere (CUDA): int64 torch ops on values below 2**32, whose intermediates never exceed 2**49.
+    h = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    high_word = h >> 32
+    high_word += keys[1]
+    high_word &= _MASK32
+    h &= _MASK32
+    return _unit_float_(_hash(h, high_word, keys, _mul32_int64_).to(torch.float32))
 
 
 def uniform_stream(
@@ -70,24 +123,11 @@ def uniform_stream(
     """
     if start < 0 or count < 0 or start + count > 2**62:
         raise ValueError(f"stream indices must lie in [0, 2**62), got start={start}, count={count}")
-    key0, key1, key2 = _stream_keys(seed, stream)
-    # In-place int64 ops throughout: generation is memory-bound, and this is 3x faster than out-of-place.
-    h = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    high_word = h >> 32
-    high_word += key1
-    high_word &= _MASK32
-    h &= _MASK32
-    h ^= key0
-    _mix32_(h)
-    h ^= high_word
-    del high_word
-    _mix32_(h)
-    h ^= key2
-    _mix32_(h)
-    h >>= 8
-    h *= 2
-    h += 1 - 2**24  # odd integers in [-(2**24 - 1), 2**24 - 1]: exact in float32
-    return h.to(torch.float32).mul_(2.0**-24)
+    keys = _stream_keys(seed, stream)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "cpu":
+        return _uniform_numpy(keys, start, count)
+    return _uniform_torch(keys, start, count, device)
 
 
 def basis_rows(

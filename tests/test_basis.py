@@ -8,7 +8,14 @@ import sys
 import pytest
 import torch
 
-from peft_nola.basis import GENERATOR_VERSION, basis_rows, generator_fingerprint, uniform_stream
+from peft_nola.basis import (
+    GENERATOR_VERSION,
+    _stream_keys,
+    _uniform_torch,
+    basis_rows,
+    generator_fingerprint,
+    uniform_stream,
+)
 
 
 def reference_uniform(seed: int, stream: str, index: int) -> float:
@@ -33,10 +40,22 @@ def reference_uniform(seed: int, stream: str, index: int) -> float:
     "seed, stream, start",
     [(0, "A/8x1024", 0), (7, "B/h.0.attn.c_attn/2", 123_456), (2**40 + 3, "x", 2**33 - 5), (1, "ü", 2**61)],
 )
-def test_matches_pure_python_reference(seed, stream, start):
-    values = uniform_stream(seed, stream, start, 64)
+@pytest.mark.parametrize("backend", ["cpu-numpy", "torch-int64"])
+def test_matches_pure_python_reference(seed, stream, start, backend):
+    # The CPU generates with numpy's uint32 arithmetic, other devices with torch's int64 ops: both run here.
+    if backend == "cpu-numpy":
+        values = uniform_stream(seed, stream, start, 64)
+    else:
+        values = _uniform_torch(_stream_keys(seed, stream), start, 64, "cpu")
     expected = torch.tensor([reference_uniform(seed, stream, start + i) for i in range(64)], dtype=torch.float32)
     assert torch.equal(values, expected)
+
+
+def test_backends_agree_across_the_high_word_boundary():
+    # A range that crosses index 2**32 (the high word changes mid-range) and a long one: numpy vs int64 torch.
+    for start, count in [(2**32 - 100_000, 300_000), (0, 1_000_000), (5 * 2**32 + 7, 70_000)]:
+        keys = _stream_keys(9, "boundary")
+        assert torch.equal(uniform_stream(9, "boundary", start, count), _uniform_torch(keys, start, count, "cpu"))
 
 
 def test_pinned_golden_values():

@@ -19,8 +19,8 @@ from ...quantization import fake_quantize
 from ..lowrank import LowRankLayer
 from .config import NolaConfig
 
-# Basis elements generated at a time (on-the-fly mode, and building a stored basis): the generator's int64 scratch
-# is a few times this, ~5 MB.
+# Basis elements generated at a time (on-the-fly mode, and building a stored basis): the generator's scratch is a
+# few times this, a few MB.
 _CHUNK_ELEMENTS = 2**18
 
 
