@@ -8,8 +8,9 @@ Here every number is a pure function of ``(seed, stream name, index)``:
 * ``(seed, stream)`` is hashed with SHA-256 (Python's hashlib, identical everywhere) into three 32-bit keys;
 * each element index is mixed with the keys through three rounds of a 32-bit integer hash ("lowbias32",
   C. Wellons), computed on the CPU with numpy's uint32 arithmetic (wrapping multiplication is defined for unsigned
-  integers) and on other devices with int64 torch ops whose intermediate values never exceed 2**49, so there is no
-  overflow and nothing depends on the device (tests/test_basis.py checks both against a pure-Python reference);
+  integers), on CUDA with Triton's uint32 arithmetic (:mod:`peft_nola.kernels`) and elsewhere with int64 torch ops
+  whose intermediate values never exceed 2**49, so there is no overflow and nothing depends on the device
+  (tests/test_basis.py and tests/test_kernels.py check each against a pure-Python reference);
 * the top 24 bits become the odd integer ``2u + 1 - 2**24``, which times ``2**-24`` is an exactly representable
   float32 in (-1, 1): the distribution is uniform on (-1, 1), symmetric, mean 0, variance 1/3.
 
@@ -29,6 +30,8 @@ import struct
 import numpy as np
 import torch
 
+from . import kernels
+
 #: Part of every key: changing the algorithm must change this, so old adapters fail their fingerprint check loudly.
 GENERATOR_VERSION = "peft-nola-basis-v1"
 
@@ -36,7 +39,8 @@ _MASK32 = 0xFFFFFFFF
 _MIX_CONSTANTS = (0x7FEB352D, 0x846CA68B)
 
 
-def _stream_keys(seed: int, stream: str) -> tuple[int, int, int]:
+def stream_keys(seed: int, stream: str) -> tuple[int, int, int]:
+    """The three 32-bit keys of the stream ``(seed, stream)``."""
     digest = hashlib.sha256(f"{GENERATOR_VERSION}|{int(seed)}|{stream}".encode()).digest()
     return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "little") for i in range(3))
 
@@ -104,7 +108,8 @@ def _uniform_numpy(keys: tuple[int, int, int], start: int, count: int) -> torch.
 
 
 def _uniform_torch(keys: tuple[int, int, int], start: int, count: int, device) -> torch.Tensor:
-    # Elsewhere (CUDA): int64 torch ops on values below 2**32, whose intermediates never exceed 2**49.
+    # Elsewhere (CUDA without Triton, other devices): int64 torch ops on values below 2**32, whose intermediates never
+    # exceed 2**49.
     h = torch.arange(start, start + count, dtype=torch.int64, device=device)
     high_word = h >> 32
     high_word += keys[1]
@@ -123,10 +128,12 @@ def uniform_stream(
     """
     if start < 0 or count < 0 or start + count > 2**62:
         raise ValueError(f"stream indices must lie in [0, 2**62), got start={start}, count={count}")
-    keys = _stream_keys(seed, stream)
+    keys = stream_keys(seed, stream)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if device.type == "cpu":
         return _uniform_numpy(keys, start, count)
+    if kernels.available(device):
+        return kernels.uniform(keys, start, count, device)
     return _uniform_torch(keys, start, count, device)
 
 
@@ -150,10 +157,16 @@ def basis_rows(
     if not 0 <= row_start <= row_end <= num_basis:
         raise ValueError(f"rows {row_start}:{row_end} are outside a basis of {num_basis} matrices")
     values = uniform_stream(seed, stream, row_start * numel, (row_end - row_start) * numel, device=device)
-    # The scale rounded to float32 once, as a Python number: the same bits as a float32 tensor scale on any device,
-    # without creating a device tensor (a host-to-device copy that would synchronise a CUDA stream for every chunk).
-    scale = struct.unpack("f", struct.pack("f", 1.0 / math.sqrt(num_basis)))[0]
-    return values.mul_(scale).view(row_end - row_start, numel)
+    return values.mul_(basis_scale(num_basis)).view(row_end - row_start, numel)
+
+
+def basis_scale(num_basis: int) -> float:
+    """``1 / sqrt(num_basis)`` rounded to float32 once, as a Python number.
+
+    The same bits as a float32 tensor scale on any device, without creating a device tensor (a host-to-device copy
+    that would synchronise a CUDA stream for every chunk).
+    """
+    return struct.unpack("f", struct.pack("f", 1.0 / math.sqrt(num_basis)))[0]
 
 
 def generator_fingerprint(seed: int) -> str:

@@ -5,10 +5,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not torch.cuda.is_available():
+    # Before anything imports Triton (transformers does): without a GPU, tests/test_kernels.py runs the kernels in
+    # Triton's interpreter, which must be chosen before Triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch
 
 from peft_nola.basis import (
     GENERATOR_VERSION,
-    _stream_keys,
+    stream_keys,
     _uniform_torch,
     basis_rows,
     generator_fingerprint,
@@ -46,7 +46,7 @@ def test_matches_pure_python_reference(seed, stream, start, backend):
     if backend == "cpu-numpy":
         values = uniform_stream(seed, stream, start, 64)
     else:
-        values = _uniform_torch(_stream_keys(seed, stream), start, 64, "cpu")
+        values = _uniform_torch(stream_keys(seed, stream), start, 64, "cpu")
     expected = torch.tensor([reference_uniform(seed, stream, start + i) for i in range(64)], dtype=torch.float32)
     assert torch.equal(values, expected)
 
@@ -54,7 +54,7 @@ def test_matches_pure_python_reference(seed, stream, start, backend):
 def test_backends_agree_across_the_high_word_boundary():
     # A range that crosses index 2**32 (the high word changes mid-range) and a long one: numpy vs int64 torch.
     for start, count in [(2**32 - 100_000, 300_000), (0, 1_000_000), (5 * 2**32 + 7, 70_000)]:
-        keys = _stream_keys(9, "boundary")
+        keys = stream_keys(9, "boundary")
         assert torch.equal(uniform_stream(9, "boundary", start, count), _uniform_torch(keys, start, count, "cpu"))
 
 

@@ -40,9 +40,11 @@ def test_products_do_not_depend_on_how_many_rows_are_stacked(rows):
     torch.testing.assert_close(rows_times_basis(coef, basis).double(), reference, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_grouped_factors_equal_per_layer_factors_exactly(name):
-    model, layers = make(name)
+def test_grouped_factors_equal_per_layer_factors_exactly(name, basis_mode):
+    # shared: one product per basis for all layers; per_layer (on the fly): one combination for every stream
+    model, layers = make(name, basis_mode)
     grouped = {}
 
     def record(layer, args):  # runs inside the model's forward, where the grouped path is active
@@ -58,18 +60,19 @@ def test_grouped_factors_equal_per_layer_factors_exactly(name):
         down, up = layer._factors("default")  # outside a forward: this layer alone
         assert torch.equal(grouped[id(layer)][0], down) and torch.equal(grouped[id(layer)][1], up)
         # ... and both are the definition A = Σ α_i A_i for every block
-        alpha = layer.nola_coef_A["default"].detach().double()
         spec = layer.basis_spec["default"]
-        basis = basis_rows(spec.seed, spec.streams_A[0], spec.num_basis_A, spec.numel_A).double()
-        torch.testing.assert_close(down.double().flatten(1), alpha @ basis, atol=1e-6, rtol=1e-5)
+        for block, (alpha, stream) in enumerate(zip(layer.nola_coef_A["default"].detach().double(), spec.streams_A)):
+            basis = basis_rows(spec.seed, stream, spec.num_basis_A, spec.numel_A).double()
+            torch.testing.assert_close(down[block].double().flatten(), alpha @ basis, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_outputs_and_gradients_are_bit_identical_to_the_per_layer_path(name):
+def test_outputs_and_gradients_are_bit_identical_to_the_per_layer_path(name, basis_mode):
     ids = torch.randint(1, 90, (3, 7), generator=torch.Generator().manual_seed(2))
     results = []
     for grouped in (True, False):
-        model, layers = make(name)
+        model, layers = make(name, basis_mode)
         if not grouped:
             per_layer_only(model)
         out = model(ids, labels=ids)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = ()
 
-from ...basis import basis_rows, uniform_stream
+from ... import kernels
+from ...basis import basis_rows, basis_scale, stream_keys, uniform_stream
 from ...quantization import fake_quantize
 from ..lowrank import LowRankLayer
 from .config import NolaConfig
@@ -80,28 +82,51 @@ class _BasisCombination(torch.autograd.Function):
 
 
 class _OnTheFlyCombination(torch.autograd.Function):
-    """``coef @ basis`` for one stream, generating the basis in chunks in forward and again in backward.
+    """``rows[s] @ basis_s`` for one basis stream per row, the basis generated in forward and again in backward.
 
-    Nothing of the basis is kept: memory is one chunk, and the gradient ``basis @ grad`` is formed chunk by chunk.
+    Nothing of the basis is kept. On CUDA with Triton one fused kernel generates each tile of every stream's basis in
+    registers and multiplies it in (:mod:`peft_nola.kernels`); elsewhere each stream's basis is generated in chunks
+    and multiplied chunk by chunk (memory: one chunk), the gradient ``basis @ grad`` likewise.
     """
 
     @staticmethod
-    def forward(ctx, coef: torch.Tensor, seed: int, stream: str, numel: int) -> torch.Tensor:
-        ctx.basis_args = (seed, stream, coef.shape[0], numel)
-        ctx.dtype = coef.dtype
-        out = None
-        with _no_autocast(coef):
-            for start, rows in _chunks(seed, stream, coef.shape[0], numel, coef.device, coef.dtype):
-                part = coef[start : start + rows.shape[0]] @ rows
-                out = part if out is None else out + part
-        return out
+    def forward(ctx, rows: torch.Tensor, seed: int, streams: tuple[str, ...], numel: int) -> torch.Tensor:
+        num_basis = rows.shape[1]
+        ctx.basis_args = (seed, streams, num_basis, numel)
+        ctx.dtype = rows.dtype
+        with _no_autocast(rows):
+            if kernels.available(rows.device):
+                return kernels.combine(rows, _device_keys(seed, streams, rows.device), numel, basis_scale(num_basis))
+            outs = []
+            for coef, stream in zip(rows, streams):
+                out = None
+                for start, basis in _chunks(seed, stream, num_basis, numel, rows.device, rows.dtype):
+                    part = coef[start : start + basis.shape[0]] @ basis
+                    out = part if out is None else out + part
+                outs.append(out)
+            return torch.stack(outs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        seed, streams, num_basis, numel = ctx.basis_args
         grad_out = grad_out.to(ctx.dtype)
         with _no_autocast(grad_out):
-            chunks = _chunks(*ctx.basis_args, grad_out.device, grad_out.dtype)
-            return torch.cat([rows @ grad_out for _, rows in chunks]), None, None, None
+            if kernels.available(grad_out.device):
+                keys = _device_keys(seed, streams, grad_out.device)
+                grad = kernels.combine_grad(grad_out, keys, num_basis, basis_scale(num_basis))
+            else:
+                grad = torch.stack([
+                    torch.cat([basis @ g for _, basis in _chunks(seed, stream, num_basis, numel, g.device, g.dtype)])
+                    for g, stream in zip(grad_out, streams)
+                ])
+        return grad, None, None, None
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_keys(seed: int, streams: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """The streams' keys on ``device`` for the fused kernels, made once (a host-to-device copy per step would
+    synchronise the stream)."""
+    return kernels.stream_keys([stream_keys(seed, stream) for stream in streams], device)
 
 
 def _no_autocast(like: torch.Tensor):
@@ -189,7 +214,8 @@ class SharedBasisCombiner:
 
     def _combine(self, layers: list["NolaLayer"], adapter_name: str) -> dict:
         # Each layer's coefficient tensor (S, k) is cut into runs of blocks that use the same basis stream (the whole
-        # tensor in shared mode, single blocks in per-layer mode); all runs of one basis are stacked into one product.
+        # tensor in shared mode, single blocks in per-layer mode); all runs of one stored basis are stacked into one
+        # product, and all blocks of one basis size generated on the fly (per-layer mode) into one combination.
         groups: dict[tuple, list] = {}  # basis key -> [((layer id, factor), position in its parts, rows (n, k))]
         parts: dict[tuple, list] = {}  # (layer id, factor) -> the combined runs, in block order
         shared = {}  # basis key -> whether layers share it (and may be combined together)
@@ -206,18 +232,24 @@ class SharedBasisCombiner:
                     while end < len(streams) and streams[end] == streams[start]:
                         end += 1
                     rows = coef if end - start == len(streams) else coef[start:end]
-                    key = (spec.seed, streams[start], coef.shape[1], numel, coef.device, coef.dtype)
+                    # a stored basis is named in the key; generated on the fly (None), each row names its stream
+                    stored = None if spec.mode == "per_layer" else streams[start]
+                    key = (spec.seed, stored, coef.shape[1], numel, coef.device, coef.dtype)
                     shared[key] = spec.mode == "shared"
-                    groups.setdefault(key, []).append((owner, len(parts[owner]), rows))
+                    groups.setdefault(key, []).append((owner, len(parts[owner]), rows, streams[start:end]))
                     parts[owner].append(None)
                     start = end
         for key, members in groups.items():
             seed, stream, num_basis, numel, _, _ = key
-            stacked = members[0][2] if len(members) == 1 else torch.cat([rows for *_, rows in members])
-            basis = self.basis(seed, stream, num_basis, numel, stacked)
-            combined = _BasisCombination.apply(stacked, basis, shared[key])
-            pieces = combined.split([rows.shape[0] for *_, rows in members]) if len(members) > 1 else [combined]
-            for (owner, position, _), piece in zip(members, pieces):
+            stacked = members[0][2] if len(members) == 1 else torch.cat([rows for _, _, rows, _ in members])
+            if stream is None:
+                streams = tuple(name for *_, names in members for name in names)
+                combined = _OnTheFlyCombination.apply(stacked, seed, streams, numel)
+            else:
+                basis = self.basis(seed, stream, num_basis, numel, stacked)
+                combined = _BasisCombination.apply(stacked, basis, shared[key])
+            pieces = combined.split([rows.shape[0] for _, _, rows, _ in members]) if len(members) > 1 else [combined]
+            for (owner, position, _, _), piece in zip(members, pieces):
                 parts[owner][position] = piece
         return {
             id(layer): tuple(
@@ -296,15 +328,6 @@ class NolaLayer(LowRankLayer):
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.basis_spec[adapter_name]
-        if spec.mode == "per_layer":
-            factors = []
-            for coef, streams, numel in zip(
-                self._effective_coefficients(adapter_name), (spec.streams_A, spec.streams_B), (spec.numel_A, spec.numel_B)
-            ):
-                blocks = [_OnTheFlyCombination.apply(coef[i], spec.seed, stream, numel) for i, stream in enumerate(streams)]
-                factors.append(torch.stack(blocks))
-            down, up = factors
-        else:
-            down, up = self._combiner.factors(self, adapter_name)
+        down, up = self._combiner.factors(self, adapter_name)
         num_blocks, r = down.shape[0], spec.numel_A // self.cols
         return down.view(num_blocks, r, self.cols), up.view(num_blocks, spec.numel_B // r, r)
