@@ -101,7 +101,7 @@ if triton is not None:
         tl.store(partial_ptr + (stream * tl.num_programs(2) + split) * NUM_BASIS + rows, acc, mask=rows < NUM_BASIS)
 
 
-# Loop bounds (the basis size, the columns per split) are compile-time constants: one compilation per basis size,
+# Loop bounds (the basis size, the columns per split) are compile-time constants: one compilation per basis shape,
 # and Triton's interpreter needs them so.
 _BLOCK = 1024
 _BLOCK_K = 32

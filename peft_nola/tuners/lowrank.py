@@ -343,8 +343,18 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         scale = self.scaling[adapter_name]
         if self.is_conv2d:
             return self._conv_kernel(down, up) * scale
-        num_blocks, r, _ = down.shape
-        delta = self._full_up(up, adapter_name) @ down.reshape(num_blocks * r, self.cols) * scale
+        # Each adapted block's product written straight into its rows, scaled inside the GEMM: no products with the
+        # zero blocks of the full up matrix, and no second pass over the (rows, cols) result.
+        splits, adapt = self.output_slices[adapter_name]
+        block_rows = self.rows // splits
+        delta = down.new_empty(self.rows, self.cols)
+        for j in range(splits):
+            rows = delta[j * block_rows : (j + 1) * block_rows]
+            if j in adapt:
+                block = adapt.index(j)
+                torch.addmm(rows, up[block], down[block], beta=0, alpha=scale, out=rows)
+            else:
+                rows.zero_()
         return delta.T if self.fan_in_fan_out else delta
 
     # ------------------------------------------------------------------------------------------- merge/unmerge
