@@ -13,10 +13,13 @@ in float32 in another order than a BLAS product, so they agree with it to roundi
 both; without a GPU the tests run these kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 
 Callers use the kernels only for CUDA tensors and when Triton is installed (:func:`available`); everything else takes
-the torch path.
+the torch path, which gives the same values. ``PEFT_NOLA_DISABLE_TRITON=1`` turns the kernels off (to compare, or
+to work around a Triton build that fails to compile them).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,8 +31,8 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux; CPU-only
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernels serve ``device``."""
-    return triton is not None and device.type == "cuda"
+    """Whether the kernels serve ``device``: CUDA, with Triton installed, unless ``PEFT_NOLA_DISABLE_TRITON=1``."""
+    return triton is not None and device.type == "cuda" and os.environ.get("PEFT_NOLA_DISABLE_TRITON") != "1"
 
 
 if triton is not None:

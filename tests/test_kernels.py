@@ -111,3 +111,10 @@ def test_on_the_fly_mode_through_the_kernels_equals_the_torch_path(monkeypatch):
     assert launches == [(4, 48), (4, 40)]  # 2 layers x q, v: one launch for every A, one for every B
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_kernels_serve_cuda_only_and_can_be_turned_off(monkeypatch):
+    monkeypatch.delenv("PEFT_NOLA_DISABLE_TRITON", raising=False)
+    assert kernels.available(torch.device("cuda")) and not kernels.available(torch.device("cpu"))
+    monkeypatch.setenv("PEFT_NOLA_DISABLE_TRITON", "1")
+    assert not kernels.available(torch.device("cuda"))
