@@ -12,8 +12,8 @@ largest shapes fit in memory); repetitions are interleaved (one step of each met
 from round to round) so that machine noise hits all methods alike. A method's ratio is the median of its per-round
 ratios to LoRA at the same rank (``--rank``), with the quartiles of those ratios beside it. A method whose steps
 (warm-up included) exceed ``--budget_s`` on one shape leaves the remaining rounds after at least one measured step
-(its ``n`` says how many it ran): on a CPU the on-the-fly per-layer basis is one to two orders of magnitude slower,
-and the budget keeps the run finite. The ``--quick`` shape is small, so costs that grow with a layer's width rather
+(its ``n`` says how many it ran): on a CPU the on-the-fly per-layer basis is several times slower (it regenerates
+every layer's basis twice a step), and the budget keeps the run finite. The ``--quick`` shape is small, so costs that grow with a layer's width rather
 than its square (generating or reading a basis, Python overhead per layer) weigh more there than at the papers' shapes.
 
 Peak training memory is measured per method apart from the timing runs: the script re-invokes itself (hidden
