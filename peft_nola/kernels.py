@@ -112,7 +112,7 @@ _BLOCK_N = 128
 _TARGET_PROGRAMS = 2048  # enough to fill a GPU's multiprocessors several times over
 
 
-def stream_keys(keys: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+def keys_tensor(keys: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
     """The streams' 32-bit keys as the ``(num_streams, 3)`` int64 tensor the combine kernels read."""
     return torch.tensor(keys, dtype=torch.int64, device=device)
 

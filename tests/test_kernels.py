@@ -28,7 +28,7 @@ NUM_BASIS, NUMEL, STREAMS = 70, 300, ("A/h.0/0", "A/h.0/2", "B/h.1/0")
 
 
 def keys_on_device(seed, streams):
-    return kernels.stream_keys([stream_keys(seed, stream) for stream in streams], DEVICE)
+    return kernels.keys_tensor([stream_keys(seed, stream) for stream in streams], DEVICE)
 
 
 def bases(seed):
@@ -67,7 +67,8 @@ def test_one_hot_gradients_give_the_basis_columns_exactly():
 
 def test_combinations_match_the_definition():
     generator = torch.Generator().manual_seed(0)
-    coef, grad = torch.randn(len(STREAMS), NUM_BASIS, generator=generator), torch.randn(len(STREAMS), NUMEL, generator=generator)
+    coef = torch.randn(len(STREAMS), NUM_BASIS, generator=generator)
+    grad = torch.randn(len(STREAMS), NUMEL, generator=generator)
     keys = keys_on_device(9, STREAMS)
     out = kernels.combine(coef.to(DEVICE), keys, NUMEL, basis_scale(NUM_BASIS)).cpu()
     grad_coef = kernels.combine_grad(grad.to(DEVICE), keys, NUM_BASIS, basis_scale(NUM_BASIS)).cpu()
@@ -77,8 +78,8 @@ def test_combinations_match_the_definition():
         torch.testing.assert_close(grad_coef[s].double(), basis @ grad[s].double(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(DEVICE.type == "cpu", reason="Triton's interpreter truncates float32 -> bfloat16 casts (a GPU rounds "
-                    "to nearest, as torch does), so it cannot reproduce the torch path's bfloat16 basis")
+@pytest.mark.skipif(DEVICE.type == "cpu", reason="Triton's interpreter truncates float32 -> bfloat16 casts (a GPU "
+                    "rounds to nearest, as torch does), so it cannot reproduce the torch path's bfloat16 basis")
 def test_bfloat16_coefficients_use_the_basis_in_bfloat16():
     coef = torch.randn(len(STREAMS), NUM_BASIS, generator=torch.Generator().manual_seed(1)).bfloat16()
     out = kernels.combine(coef.to(DEVICE), keys_on_device(2, STREAMS), NUMEL, basis_scale(NUM_BASIS)).cpu()

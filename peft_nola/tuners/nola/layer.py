@@ -126,7 +126,7 @@ class _OnTheFlyCombination(torch.autograd.Function):
 def _device_keys(seed: int, streams: tuple[str, ...], device: torch.device) -> torch.Tensor:
     """The streams' keys on ``device`` for the fused kernels, made once (a host-to-device copy per step would
     synchronise the stream)."""
-    return kernels.stream_keys([stream_keys(seed, stream) for stream in streams], device)
+    return kernels.keys_tensor([stream_keys(seed, stream) for stream in streams], device)
 
 
 def _no_autocast(like: torch.Tensor):
@@ -216,7 +216,7 @@ class SharedBasisCombiner:
         # Each layer's coefficient tensor (S, k) is cut into runs of blocks that use the same basis stream (the whole
         # tensor in shared mode, single blocks in per-layer mode); all runs of one stored basis are stacked into one
         # product, and all blocks of one basis size generated on the fly (per-layer mode) into one combination.
-        groups: dict[tuple, list] = {}  # basis key -> [((layer id, factor), position in its parts, rows (n, k))]
+        groups: dict[tuple, list] = {}  # basis key -> [((layer id, factor), position in parts, rows (n, k), streams)]
         parts: dict[tuple, list] = {}  # (layer id, factor) -> the combined runs, in block order
         shared = {}  # basis key -> whether layers share it (and may be combined together)
         for layer in layers:
