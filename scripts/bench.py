@@ -593,8 +593,9 @@ def format_tables(result: dict) -> str:
     lines += [f"- left out: {e['shape']} / {e['method']}: {e['error']}" for e in result.get("errors", [])]
     kind = next((row["peak_kind"] for row in result["steps"] if row.get("peak_kind")), "not measured")
     apart = "one method after another in one process" if kind.startswith("cuda") else "each method in its own process"
-    lines += ["", f"Memory (MB; peak = {kind} over {result['mem_steps']} training steps, {apart}; "
-              f"target: peak ≤ LoRA's × {MEMORY_SLACK} + basis)", "",
+    measured = "peak not measured" if kind == "not measured" else (
+        f"peak = {kind} over {result['mem_steps']} training steps, {apart}")
+    lines += ["", f"Memory (MB; {measured}; target: peak ≤ LoRA's × {MEMORY_SLACK} + basis)", "",
               "| shape | method | peak | peak − LoRA | training overhead | basis / frozen state | adapter file (KB) "
               "| target met |", "|" + "---|" * 8]
     for row in result["steps"]:
