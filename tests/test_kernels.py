@@ -5,7 +5,10 @@ Triton, and they run in Triton's interpreter on CPU tensors: the same kernel cod
 numpy doing the arithmetic.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,3 +122,55 @@ def test_the_kernels_serve_cuda_only_and_can_be_turned_off(monkeypatch):
     assert kernels.available(torch.device("cuda")) and not kernels.available(torch.device("cpu"))
     monkeypatch.setenv("PEFT_NOLA_DISABLE_TRITON", "1")
     assert not kernels.available(torch.device("cuda"))
+
+
+# Compiles the kernels with Triton's CUDA backend for an H100 (sm_90), which needs no GPU: Triton lowers them to PTX
+# and its bundled ptxas assembles the cubin. Run without TRITON_INTERPRET, in a process of its own.
+COMPILE_FOR_H100 = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from peft_nola import kernels
+
+def compile(fn, signature, constants):
+    # every kernel takes its compile-time constants last
+    source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constants}},
+                       constexprs={(len(signature) + i,): v for i, v in enumerate(constants.values())})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+keys = {"keys_ptr": "*i64"}
+jobs = {
+    "uniform": (kernels._uniform_kernel, {"out_ptr": "*fp32", "start": "i64", "count": "i32", "key0": "u32",
+                                          "key1": "i32", "key2": "u32"}, {"BLOCK": 1024}),
+    "combine fp32": (kernels._combine_kernel, {"coef_ptr": "*fp32", **keys, "out_ptr": "*fp32", "numel": "i32",
+                                               "scale": "fp32"}, {"NUM_BASIS": 1000, "BLOCK_K": 32, "BLOCK_N": 128}),
+    "combine bf16": (kernels._combine_kernel, {"coef_ptr": "*bf16", **keys, "out_ptr": "*bf16", "numel": "i32",
+                                               "scale": "fp32"}, {"NUM_BASIS": 1000, "BLOCK_K": 32, "BLOCK_N": 128}),
+    "combine_grad": (kernels._combine_grad_kernel, {"grad_ptr": "*fp32", **keys, "partial_ptr": "*fp32",
+                                                    "numel": "i32", "scale": "fp32"},
+                     {"NUM_BASIS": 1000, "COLS_PER_SPLIT": 2048, "BLOCK_K": 32, "BLOCK_N": 128}),
+}
+report = {}
+for name, (fn, signature, constants) in jobs.items():
+    asm = compile(fn, signature, constants)
+    ir = asm["ttir"]
+    report[name] = {"cubin_bytes": len(asm["cubin"]),
+                    "i32_multiplies": sum("arith.muli" in l and "xi32>" in l for l in ir.splitlines()),
+                    "i32_logical_shifts": sum("arith.shrui" in l and "xi32>" in l for l in ir.splitlines()),
+                    "i32_arithmetic_shifts": sum("arith.shrsi" in l and "xi32>" in l for l in ir.splitlines())}
+print(json.dumps(report))
+"""
+
+
+def test_the_kernels_compile_for_an_h100_with_unsigned_32_bit_hashing():
+    # What the interpreter cannot show: the kernels pass Triton's CUDA lowering, and the compiled hash multiplies in
+    # 32 bits (wrapping) with logical shifts, as uint32 arithmetic must.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, row in report.items():
+        assert row["cubin_bytes"] > 0, name
+        # three lowbias32 rounds: 2 multiplies and 3 shifts each, and the final >> 8 to the top 24 bits
+        assert row["i32_multiplies"] >= 6 and row["i32_logical_shifts"] >= 10, (name, row)
+        assert row["i32_arithmetic_shifts"] == 0, (name, row)
