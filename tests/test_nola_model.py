@@ -280,7 +280,7 @@ def test_mixed_batch_equals_per_sample_outputs(token_ids):
     model.add_adapter("task2", gpt2_qv_config(init_weights=False, basis_seed=9, r=2, basis_mode="per_layer"))
     model.eval()
     assert_mixed_batch_matches_single_adapters(model, token_ids, ["task1", "__base__", "task2"])
-    with pytest.raises(ValueError, match="Unknown adapter name"):
+    with pytest.raises(ValueError, match="Trying to infer with non-existing adapter\\(s\\): task3"):
         model(token_ids, adapter_names=["task1", "task3", "task2"])
 
 
@@ -393,15 +393,21 @@ def test_bitsandbytes_base(tmp_path, token_ids, bits):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tiny_llama().save_pretrained(tmp_path / "base")
+    # bitsandbytes' 4-bit CPU matmul (0.50.2) fails on inputs narrower than its 64-element quantization block
+    tiny_llama(hidden_size=64).save_pretrained(tmp_path / "base")
     quant = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)
+    load_base = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)  # noqa: E731
+    base = load_base()
     with torch.no_grad():
         expected = base(token_ids).logits
     model = get_peft_model(base, llama_config(num_basis_A=64, num_basis_B=64))
     assert type(nola_layers(model)[0].get_base_layer()).__name__ == ("Linear8bitLt" if bits == 8 else "Linear4bit")
     with torch.no_grad():
         assert torch.equal(model(token_ids).logits, expected)
+    # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at its first forward in eval mode without
+    # grad; afterwards nothing upstream of it gets a gradient and dequantizing it (merging) reads the packed layout.
+    # That is bitsandbytes' state, not the adapter's: the rest of the test keeps the models in train mode (no dropout).
+    model = get_peft_model(load_base(), llama_config(num_basis_A=64, num_basis_B=64)).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     losses = []
     for _ in range(8):
@@ -419,7 +425,6 @@ def test_bitsandbytes_base(tmp_path, token_ids, bits):
     # Merging re-quantizes the weight, so the merged model is off by a quantization error, but it is much closer to
     # the adapted model than the base model is.
     assert (merged - adapted).abs().mean() < 0.5 * (expected - adapted).abs().mean()
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant)
-    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(load_base(), tmp_path / "adapter").train()
     with torch.no_grad():
         assert torch.equal(loaded(token_ids).logits, adapted)

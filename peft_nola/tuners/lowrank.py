@@ -407,8 +407,16 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        # peft's LoRA wording (LoraLayer._check_forward_args), which callers and peft's tests match on.
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
         if self.merged:
-            raise ValueError("Mixed-adapter batches need unmerged adapters: call unmerge_adapter() first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         result = self.base_layer(x, *args, **kwargs).clone()
         for adapter_name in dict.fromkeys(adapter_names):
             if adapter_name not in self.scaling:
@@ -578,7 +586,9 @@ class LowRankTuner(BaseTuner):
         known = set(self.peft_config)
         unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
         if unknown:
-            raise ValueError(f"Unknown adapter name(s) in adapter_names: {unknown}; loaded adapters: {sorted(known)}")
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (loaded adapters: {sorted(known)})"
+            )
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]

@@ -40,45 +40,24 @@ class BasisSpec:
     streams_B: tuple[str, ...]
 
 
-def rows_times_basis(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``rows (M, k) @ basis (k, n)``, computed so that each row's result does not depend on M.
-
-    BLAS sums a single row (GEMV) in another order than several rows (GEMM); pairing a lone row with a copy of itself
-    keeps it on the GEMM path. This is what makes one product over all layers that share a basis bit-identical to
-    computing each layer on its own (tests/test_nola_fast_path.py).
-    """
-    if rows.shape[0] == 1:
-        return (torch.cat([rows, rows]) @ basis)[:1]
-    return rows @ basis
-
-
-def grads_times_basis(grads: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``grads (M, n) @ basis.T -> (M, k)``, with the same row-count independence as :func:`rows_times_basis`."""
-    if grads.shape[0] == 1:
-        return (basis @ torch.cat([grads, grads]).T).T[:1]
-    return (basis @ grads.T).T
-
-
 class _BasisCombination(torch.autograd.Function):
-    """``rows @ basis`` with the gradient for ``rows`` only.
+    """``rows (M, k) @ basis (k, n)`` with the gradient for ``rows`` only.
 
     The basis is kept as a plain attribute, not a saved tensor, so the node can be traversed by several backward
     passes (one cached combination serves every micro-batch of a step, and reentrant checkpointing re-enters it).
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, basis: torch.Tensor, shared: bool) -> torch.Tensor:
-        ctx.basis, ctx.shared = basis, shared
+    def forward(ctx, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        ctx.basis = basis
         with _no_autocast(rows):
-            # A basis only one layer uses is always combined alone: the plain product (a GEMV, 2-3x faster on CPU
-            # than the row-count independent GEMM) gives the same bits on every path.
-            return rows_times_basis(rows, basis) if shared else rows @ basis
+            return rows @ basis
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.to(ctx.basis.dtype).contiguous()
         with _no_autocast(grad):
-            return (grads_times_basis(grad, ctx.basis) if ctx.shared else (ctx.basis @ grad.T).T), None, None
+            return grad @ ctx.basis.T, None
 
 
 class _OnTheFlyCombination(torch.autograd.Function):
@@ -150,7 +129,8 @@ class SharedBasisCombiner:
     the first layer that needs factors triggers the combination for every layer of that adapter, with the coefficient
     rows of all layers sharing a basis stacked into one product, so each basis is read once per forward. Outside a
     forward (merging, checkpoint recomputation during backward, a layer called on its own) each layer is combined on
-    its own, which gives bit-identical factors (:func:`rows_times_basis`).
+    its own. Both are the same sums; whether BLAS adds them in the same order for one row as for several depends on
+    the CPU's GEMM kernel, so the two agree within float32 rounding (the README's "Exactness"), not bit for bit.
     """
 
     def __init__(self, store: BufferDict):
@@ -191,7 +171,7 @@ class SharedBasisCombiner:
             layers = self.layers.get(adapter_name, [])
             if any(_is_shard(other, adapter_name) for other in layers):
                 # FSDP/ZeRO-3 with a unit per block: other blocks' coefficients are still sharded while this block
-                # runs, so each layer is combined on its own (bit-identical factors, one basis read per layer).
+                # runs, so each layer is combined on its own (one basis read per layer).
                 return self._combine([layer], adapter_name)[id(layer)]
             self.cache[key] = self._combine(layers, adapter_name)
         return self.cache[key][id(layer)]
@@ -218,7 +198,6 @@ class SharedBasisCombiner:
         # product, and all blocks of one basis size generated on the fly (per-layer mode) into one combination.
         groups: dict[tuple, list] = {}  # basis key -> [((layer id, factor), position in parts, rows (n, k), streams)]
         parts: dict[tuple, list] = {}  # (layer id, factor) -> the combined runs, in block order
-        shared = {}  # basis key -> whether layers share it (and may be combined together)
         for layer in layers:
             spec = layer.basis_spec[adapter_name]
             coefficients = layer._effective_coefficients(adapter_name)
@@ -235,7 +214,6 @@ class SharedBasisCombiner:
                     # a stored basis is named in the key; generated on the fly (None), each row names its stream
                     stored = None if spec.mode == "per_layer" else streams[start]
                     key = (spec.seed, stored, coef.shape[1], numel, coef.device, coef.dtype)
-                    shared[key] = spec.mode == "shared"
                     groups.setdefault(key, []).append((owner, len(parts[owner]), rows, streams[start:end]))
                     parts[owner].append(None)
                     start = end
@@ -247,7 +225,7 @@ class SharedBasisCombiner:
                 combined = _OnTheFlyCombination.apply(stacked, seed, streams, numel)
             else:
                 basis = self.basis(seed, stream, num_basis, numel, stacked)
-                combined = _BasisCombination.apply(stacked, basis, shared[key])
+                combined = _BasisCombination.apply(stacked, basis)
             pieces = combined.split([rows.shape[0] for _, _, rows, _ in members]) if len(members) > 1 else [combined]
             for (owner, position, _, _), piece in zip(members, pieces):
                 parts[owner][position] = piece
