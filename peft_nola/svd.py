@@ -71,6 +71,12 @@ def _fix_signs(U, S, V):
     return U * signs, S, V * signs
 
 
+def _probes(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = uniform_stream(0, f"fingerprint/{name}/rows", 0, weight.shape[0], device=weight.device).to(torch.float64)
+    q = uniform_stream(0, f"fingerprint/{name}/cols", 0, weight.shape[1], device=weight.device).to(torch.float64)
+    return p, q
+
+
 def weight_fingerprint(weights: dict[str, torch.Tensor]) -> list[float]:
     """Two numbers that identify a set of named weight matrices: ``Σ ‖W‖²_F`` and ``Σ pᵀ W q`` with probe vectors
     ``p, q`` seeded by the name. Computed in float64; compare with a relative tolerance (BLAS summation order differs
@@ -78,8 +84,22 @@ def weight_fingerprint(weights: dict[str, torch.Tensor]) -> list[float]:
     total_norm, total_probe = 0.0, 0.0
     for name, weight in sorted(weights.items()):
         w = weight.detach().to(torch.float64)
-        p = uniform_stream(0, f"fingerprint/{name}/rows", 0, w.shape[0], device=w.device).to(torch.float64)
-        q = uniform_stream(0, f"fingerprint/{name}/cols", 0, w.shape[1], device=w.device).to(torch.float64)
+        p, q = _probes(name, w)
         total_norm += float(w.pow(2).sum())
         total_probe += float(p @ w @ q)
     return [total_norm, total_probe]
+
+
+def rounding_tolerance(weights: dict[str, torch.Tensor], unit_roundoff: float) -> list[float]:
+    """How far :func:`weight_fingerprint` of ``weights`` can be from the fingerprint of the weights they were rounded
+    from, when each entry carries a relative rounding error of at most ``unit_roundoff`` (a cast to bfloat16 or
+    float16): ``|Δ‖W‖²| <= (2u + u²)/(1 - u)² · ‖W‖²`` and ``|Δ pᵀWq| <= u/(1 - u) · |p|ᵀ|W||q|``, bounds that hold
+    for every entry's rounding at once."""
+    u = unit_roundoff
+    norm, probe = 0.0, 0.0
+    for name, weight in sorted(weights.items()):
+        w = weight.detach().to(torch.float64)
+        p, q = _probes(name, w)
+        norm += float(w.pow(2).sum())
+        probe += float(p.abs() @ w.abs() @ q.abs())
+    return [(2 * u + u * u) / (1 - u) ** 2 * norm, u / (1 - u) * probe]
