@@ -227,7 +227,8 @@ def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(location, **kwargs)
     with torch.device("meta"):
-        model = _model_class(config, task_type)._from_config(config)
+        cls = _model_class(config, task_type)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
         keys = list(handle.keys())
     paths = set()
