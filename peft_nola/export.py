@@ -24,7 +24,8 @@ float rounding. The cases that need more than that:
 
 Refused with a reason: trained biases (``bias != "none"``), an adapter merged into the base weights, NoRA adapters
 whose outer factors must be recomputed when no base weights are given. ``modules_to_save`` tensors are carried the
-way peft's LoRA saves them, with a warning naming the consumers that reject or ignore them.
+way peft's LoRA saves them. Whenever a consumer would reject the result (vLLM rejects ``modules_to_save``, GPT-2
+and convolutions), the export warns, naming the consumer and its reason.
 
 Which serving engines accept the result is written to ``export_report.json`` next to the adapter; the rules come
 from the engines' loaders (see :data:`CONSUMER_RULES`).
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -291,7 +291,8 @@ def load_for_export(
         if needs_weights:
             model = _load_base(base, config.task_type)
         else:
-            model = _skeleton(base, adapter_dir, "nola_" if isinstance(config, NolaConfig) else "nora_", config.task_type)
+            prefix = "nola_" if isinstance(config, NolaConfig) else "nora_"
+            model = _skeleton(base, adapter_dir, prefix, config.task_type)
             if isinstance(config, NoraConfig):
                 # The skeleton's zero weights only seed factors that the file's stored ones replace: the cheap SVD.
                 config.svd_method = "randomized"
@@ -400,10 +401,11 @@ def export_lora(
         files = [GGUF_FILE]
         verdicts = {"llama.cpp": {"accepts": True, "reasons": []}}
     rejecting = sorted(name for name, verdict in verdicts.items() if verdict["accepts"] is False)
-    if config.modules_to_save and rejecting:
+    if rejecting:
         warnings.warn(
-            f"The exported adapter carries modules_to_save={sorted(config.modules_to_save)}: "
+            f"peft loads the exported adapter in {out_dir}, but "
             + "; ".join(f"{name}: {verdicts[name]['reasons'][0]}" for name in rejecting)
+            + f" (all reasons in {REPORT_FILE})"
         )
     report = {
         "source": str(source) if source else "in-memory model",
@@ -462,7 +464,7 @@ def consumer_verdicts(config: dict, tensor_names: list[str], layer_types: list[s
     elif is_llama and outside_llama:
         vllm_problems.append(f"vLLM's LLaMA has no LoRA for {outside_llama} (its LoRA modules: {LLAMA_LORA_MODULES})")
     elif not is_llama:
-        vllm_unknown.append(f"whether vLLM's {model_type!r} model supports LoRA on {module_names[:3]}... is not checked")
+        vllm_unknown.append(f"whether vLLM's {model_type!r} model has LoRA for {module_names[:3]}... is not checked")
     vllm = verdict(vllm_problems, vllm_unknown)
     if isinstance(r, int) and r <= VLLM_MAX_LORA_RANKS[-1]:
         vllm["max_lora_rank"] = next(rank for rank in VLLM_MAX_LORA_RANKS if rank >= r)

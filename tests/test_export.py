@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import peft_nola
-from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig, export_lora, quantize_coefficients
+from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig, export_lora
 from peft_nola.export import ExportError, main
 
 from .conftest import REPO_ROOT, TinyCNN, seeded, tiny_gpt2, tiny_llama
@@ -142,8 +142,8 @@ def exported(tmp_path_factory, token_ids_mod):
             logits(seeded(TinyCNN), images), report)
 
     (root / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, "-c", LOADER, str(REPO_ROOT), str(root / "cases.json"), str(root / "out.safetensors")],
-                   check=True, cwd=root, timeout=600)
+    command = [sys.executable, "-c", LOADER, str(REPO_ROOT), str(root / "cases.json"), str(root / "out.safetensors")]
+    subprocess.run(command, check=True, cwd=root, timeout=600)
     loaded = load_file(root / "out.safetensors")
     for name in results:
         results[name]["loaded"] = loaded[name]
@@ -225,12 +225,14 @@ def test_vllm_rules(exported):
     llama_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     report = exported["llama_all7"]["report"]
     assert report["consumers"]["vllm"]["accepts"] is True
-    assert vllm_load_errors(exported["llama_all7"]["dir"], llama_modules, report["consumers"]["vllm"]["max_lora_rank"]) == []
+    max_rank = report["consumers"]["vllm"]["max_lora_rank"]
+    assert vllm_load_errors(exported["llama_all7"]["dir"], llama_modules, max_rank) == []
     assert report["consumers"]["vllm"]["max_lora_rank"] == 8  # the smallest allowed value >= r = 4
     assert vllm_load_errors(exported["llama_all7"]["dir"], llama_modules, 1)  # rank 4 > 1: vLLM's error
     report = exported["quantized"]["report"]
     assert report["consumers"]["vllm"]["accepts"] is False
-    assert "vLLM only supports modules_to_save being None." in vllm_load_errors(exported["quantized"]["dir"], llama_modules, 16)
+    errors = vllm_load_errors(exported["quantized"]["dir"], llama_modules, 16)
+    assert "vLLM only supports modules_to_save being None." in errors
     for name in ("gpt2_qv", "conv_r2"):  # GPT-2 has no LoRA in vLLM; convolutions have none anywhere but peft
         assert exported[name]["report"]["consumers"]["vllm"]["accepts"] is False
         assert exported[name]["report"]["consumers"]["peft"]["accepts"] is True
@@ -358,3 +360,27 @@ def test_bitsandbytes_base(tmp_path, token_ids):
     loaded = PeftModel.from_pretrained(load(), tmp_path / "lora").train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(token_ids).logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_gguf_row_order_matches_a_real_llama_cpp_file():
+    """The q/k row permutation applied to lora_b is the one llama.cpp's converter applied to the base's weights: on
+    the SmolLM2 GGUF (written by llama.cpp's converter), permuting transformers' un-permuted q/k weights gives back
+    the file's tensors."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from peft_nola.export import _llama_permute
+    from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir
+
+    path = smollm2_package_dir() / SMOLLM2_GGUF_FILE
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    config = model.config
+    for proj, name, heads in (("q_proj", "attn_q", config.num_attention_heads),
+                              ("k_proj", "attn_k", config.num_key_value_heads)):
+        raw = tensors[f"blk.0.{name}.weight"]
+        from_file = torch.from_numpy(gguf.quants.dequantize(raw.data, raw.tensor_type).copy()).float()
+        hf = getattr(model.model.layers[0].self_attn, proj).weight.detach()
+        torch.testing.assert_close(_llama_permute(hf, heads), from_file.reshape(hf.shape), atol=1e-6, rtol=0)
+        assert not torch.allclose(hf, from_file.reshape(hf.shape), atol=1e-3)  # the order does differ
