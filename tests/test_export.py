@@ -95,6 +95,14 @@ def exported(tmp_path_factory, token_ids_mod):
     add("llama_all7", "LlamaForCausalLM", root / "llama", root / "llama_lora", ids, logits(model, ids),
         logits(tiny_llama(), ids), report)
 
+    # Only layer 1 of LLaMA (layers_to_transform): target_modules becomes the full module names, since the short
+    # names would also match layer 0.
+    model = get_peft_model(tiny_llama(), nola_llama(target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                                    layers_pattern="layers"))
+    report = export_lora(model, root / "layer1_lora")
+    add("llama_layer1", "LlamaForCausalLM", root / "llama", root / "layer1_lora", ids, logits(model, ids),
+        logits(tiny_llama(), ids), report)
+
     # GPT-2's fused c_attn with the q and v thirds adapted, two adapters in the model: the second one is exported.
     tiny_gpt2().save_pretrained(root / "gpt2")
     qv = dict(r=4, num_basis_A=40, num_basis_B=40, init_weights=False, target_modules=["c_attn"],
@@ -150,7 +158,7 @@ def exported(tmp_path_factory, token_ids_mod):
     return results
 
 
-CASES = ["llama_all7", "gpt2_qv", "quantized", "nora_stored", "nora_recomputed", "conv_r2", "conv_r4"]
+CASES = ["llama_all7", "llama_layer1", "gpt2_qv", "quantized", "nora_stored", "nora_recomputed", "conv_r2", "conv_r4"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -179,6 +187,8 @@ def test_exported_shapes_and_ranks(exported):
     assert config["fan_in_fan_out"] is True and config["target_modules"] == ["c_attn"]
     config = json.loads((exported["llama_all7"]["dir"] / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(LLAMA_ALL)
+    config = json.loads((exported["llama_layer1"]["dir"] / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [f"model.layers.1.self_attn.{p}_proj" for p in "qv"]
     config = json.loads((exported["quantized"]["dir"] / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["lm_head"]
     with safe_open(str(exported["quantized"]["dir"] / "adapter_model.safetensors"), "pt") as handle:
@@ -343,20 +353,23 @@ def test_quantization_aware_exports_the_quantized_coefficients(tmp_path, token_i
     torch.testing.assert_close(logits(loaded, token_ids), expected, atol=ATOL, rtol=0)
 
 
-def test_bitsandbytes_base(tmp_path, token_ids):
-    """An adapter trained on an 8-bit base exports the same factors; stock peft LoRA on the 8-bit base reproduces
-    the NOLA model's logits."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bitsandbytes_base(tmp_path, token_ids, bits):
+    """An adapter on an 8-bit or 4-bit base exports the same factors; stock peft LoRA on that base reproduces the
+    NOLA model's logits (train mode without dropout, as in test_nola_model: bitsandbytes' CPU repacking in eval)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # bitsandbytes' 4-bit CPU matmul fails on inputs narrower than its 64-element block: a 64-wide model
     tiny_llama(hidden_size=64).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
     load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_8bit=True)).train()
+        tmp_path / "base", quantization_config=quant).train()
     model = get_peft_model(load(), nola_llama(target_modules=["q_proj", "v_proj"])).train()
     with torch.no_grad():
         expected = model(token_ids).logits
     report = export_lora(model, tmp_path / "lora")
-    assert report["layer_types"] == ["Linear8bitLt"]
+    assert report["layer_types"] == ["Linear8bitLt" if bits == 8 else "Linear4bit"]
     loaded = PeftModel.from_pretrained(load(), tmp_path / "lora").train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(token_ids).logits, expected, atol=ATOL, rtol=0)
