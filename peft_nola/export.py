@@ -321,7 +321,7 @@ def _modules_to_save_tensors(model: PeftModel, adapter_name: str) -> dict[str, t
     for key, module in model.get_base_model().named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"base_model.model.{key}.{name}"] = tensor.detach().contiguous()
+                tensors[f"base_model.model.{key}.{name}"] = tensor.detach().cpu().contiguous()
     return tensors
 
 
@@ -389,8 +389,8 @@ def export_lora(
     if format == "peft":
         tensors = {}
         for key, (lora_A, lora_B) in factors.items():
-            tensors[f"base_model.model.{key}.lora_A.weight"] = lora_A.contiguous()
-            tensors[f"base_model.model.{key}.lora_B.weight"] = lora_B.contiguous()
+            tensors[f"base_model.model.{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+            tensors[f"base_model.model.{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
         tensors.update(extra)
         lora_config.save_pretrained(str(out_dir))
         save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
