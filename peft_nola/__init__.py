@@ -10,7 +10,7 @@ add_peft_type("NOLA")  # before the config classes are used: their __post_init__
 add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
-from .quantization import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
+from .quantize_adapters import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
 from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402

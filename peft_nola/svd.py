@@ -5,11 +5,9 @@
 * Sign convention: each pair ``(u_i, v_i)`` is flipped so that the entry of ``u_i`` with the largest magnitude is
   positive (the first such entry on ties). An SVD is unique only up to these signs; the convention makes it unique
   for distinct singular values.
-* ``method="auto"`` (the default) is exact where that is cheap and randomized where it is not, from
-  ``scripts/svd_cost.py`` on 2 CPU cores (2026-11-23): exact float64 SVD took 1.4 s for a 1024x1024 matrix but
-  124 s for 4096x4096 (hours for the 224 matrices of a 7B model), while the randomized one took 3.2 s for
-  4096x4096 with 4 power iterations, its kept singular values within 4e-4 (relative) even for the slowly decaying
-  spectra of pretrained weights. So: exact when the smaller side is at most ``AUTO_EXACT_MAX`` (2048), else randomized.
+* ``method="auto"`` (the default) is exact where that is cheap and randomized where it is not: exact when the
+  smaller side is at most ``AUTO_EXACT_MAX`` (2048), else randomized (the cost and accuracy measured by
+  ``scripts/svd_cost.py`` are in the README's NoRA section).
 * ``method="randomized"`` is a range-finder SVD (Halko, Martinsson & Tropp 2011) whose random test matrix comes from
   :mod:`peft_nola.basis`, not from torch's global RNG, so it is a deterministic function of the matrix and the seed.
 """

@@ -12,18 +12,15 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 import peft_nola  # noqa: F401  (registers NOLA)
-from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer
+from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer, lora_quantization_aware, quantize_coefficients, quantize_lora
 from peft_nola.quantization import (
     HEADER_SUFFIX,
     SCHEMES,
     dequantize,
     fake_quantize,
-    lora_quantization_aware,
     pack_codes,
     pack_tensor,
     quantize,
-    quantize_coefficients,
-    quantize_lora,
     unpack_codes,
     unpack_tensor,
 )

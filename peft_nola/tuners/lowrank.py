@@ -1,8 +1,10 @@
 """The mechanism NOLA and NoRA share: a frozen base layer plus, per adapter, ``scale * up @ down`` updates.
 
-A method subclasses :class:`LowRankLayer` and only says how its factors are built and which tensors train
-(:meth:`LowRankLayer._create_adapter`, :meth:`LowRankLayer._factors`); it subclasses :class:`LowRankTuner` and only
-says which layer class to build. Everything else lives here once: wrapping ``nn.Linear``, GPT-2's ``Conv1D``,
+A method subclasses :class:`LowRankLayer` and only says how its factors are built and which tensors train, through
+four hooks: :meth:`LowRankLayer._init_adapter_containers` (the per-adapter containers),
+:meth:`LowRankLayer._create_adapter` (an adapter's tensors), :meth:`LowRankLayer._factors` (its factors) and
+:meth:`LowRankLayer._scale_and_dropout`; it subclasses :class:`LowRankTuner` and only says which layer class to build
+(``prefix``, ``tuner_layer_cls``, ``method_name``). Everything else lives here once: wrapping ``nn.Linear``, GPT-2's ``Conv1D``,
 ``nn.Conv2d`` and bitsandbytes 8-bit/4-bit layers; adapting chosen slices of a fused output (the q and v thirds of
 GPT-2's ``c_attn``); merge/unmerge; mixed-adapter batches; dtype handling.
 
