@@ -44,12 +44,13 @@ from typing import Optional, Union
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .tuners.lowrank import LowRankLayer
+from ._peft_compat import AuxiliaryTrainingWrapper
+from .tuners.lowrank import LowRankLayer, names_module
 from .tuners.nola import NolaConfig
 from .tuners.nora import NoraConfig
 
@@ -310,7 +311,7 @@ def _target_modules(model: PeftModel, keys: list[str]) -> list[str]:
             continue
         if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
             wrappers.append(key + ".")
-        if any(key == n or key.endswith("." + n) for n in names):
+        if any(names_module(n, key) for n in names):
             matched.add(key)
     return names if matched == set(keys) else sorted(keys)
 

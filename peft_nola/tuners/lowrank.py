@@ -209,11 +209,17 @@ def validate_output_slices(output_slices: Optional[dict]) -> None:
             )
 
 
+def names_module(name: str, module_key: str) -> bool:
+    """Whether ``name`` names the module ``module_key``: the key itself or a dotted suffix of it (peft's rule for
+    target_modules given as a list)."""
+    return module_key == name or module_key.endswith("." + name)
+
+
 def resolve_slices(output_slices: Optional[dict], module_key: str) -> tuple[int, tuple[int, ...]]:
-    """``(splits, adapt)`` for the module ``module_key``: the first ``output_slices`` entry whose name is the key or a
-    dotted suffix of it, else the whole output ``(1, (0,))``."""
+    """``(splits, adapt)`` for the module ``module_key``: the first ``output_slices`` entry that names it
+    (:func:`names_module`), else the whole output ``(1, (0,))``."""
     for name, spec in (output_slices or {}).items():
-        if module_key == name or module_key.endswith("." + name):
+        if names_module(name, module_key):
             return spec["splits"], tuple(sorted(spec["adapt"]))
     return 1, (0,)
 
