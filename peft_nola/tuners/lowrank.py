@@ -16,12 +16,15 @@ can be adapted on a subset ``adapt`` of them; each adapted block ``s`` has its o
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +44,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..basis import layout_fingerprint
-from ..checks import check_adapter_dir, check_loaded_tensors, tensors_checksum
+from ..checks import (
+    FLOAT_DTYPES,
+    AdapterFileError,
+    CheckedAdapter,
+    check_adapter_dir,
+    check_declared_tensors,
+    check_loaded_tensors,
+    check_regex,
+    field_fingerprints,
+    tensors_checksum,
+)
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
@@ -58,6 +71,13 @@ def require_int(name: str, value: Any, minimum: int) -> None:
 def require_probability(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def require_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the config field unless ``value`` is a finite number (a NaN or infinite scale would
+    turn every adapted layer's output into NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _names(value: Any, item_type: type = str) -> bool:
@@ -77,7 +97,15 @@ _FIELD_TYPES = {
     "init_weights": (lambda v: isinstance(v, bool), "true or false"),
     "layout_fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
     "weights_checksum": (lambda v: v is None or isinstance(v, str), "a string"),
+    "config_fingerprint": (
+        lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+        "a mapping of field names to strings",
+    ),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a task type name or null"),
 }
+
+# peft interpolates layers_pattern into its own regex: a plain name keeps that regex linear.
+_LAYERS_PATTERN = r"[A-Za-z0-9_.]+"
 
 
 @dataclass
@@ -134,7 +162,23 @@ class LowRankConfig(PeftConfig):
         default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
     )
     weights_checksum: Optional[str] = field(
-        default=None, metadata={"help": "Set on save: hash of the adapter's tensors as written; checked on load."}
+        default=None,
+        metadata={"help": "Set on save: hash of every tensor of the adapter file as written and of the pinned fields; "
+                  "checked on load."},
+    )
+    config_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Set on save: a short hash per pinned field (those that determine what the adapter "
+                  "computes); a field edited after training is an error naming it."},
+    )
+
+    #: Fields that determine what a trained adapter computes and that a user does not change after training: covered
+    #: by ``config_fingerprint`` and ``weights_checksum``. The scale (``nola_alpha``/``nora_alpha``) and the dropout
+    #: are left out on purpose: a scale is the knob users turn to weaken or strengthen a trained adapter (as with
+    #: LoRA's alpha), dropout acts only in training. Methods add their own (see :meth:`pinned_fields`).
+    PINNED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "peft_type", "task_type", "target_modules", "exclude_modules", "output_slices", "modules_to_save",
+        "layers_to_transform", "layers_pattern", "bias",
     )
 
     def __post_init__(self):
@@ -152,15 +196,53 @@ class LowRankConfig(PeftConfig):
             raise ValueError(f"bias must be one of {allowed_bias}, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not: set both or neither")
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                check_regex(name, getattr(self, name))
+        import re
+
+        patterns = self.layers_pattern if isinstance(self.layers_pattern, (list, tuple, set)) else [self.layers_pattern]
+        for pattern in patterns:
+            if pattern is not None and not re.fullmatch(_LAYERS_PATTERN, pattern):
+                raise ValueError(f"layers_pattern must be a module name such as 'layers' or 'h' (letters, digits, "
+                                 f"'_', '.'), got {pattern!r}")
+
+    def pinned_fields(self) -> dict:
+        """``{field: value}`` of :attr:`PINNED_FIELDS` in a canonical JSON form (sets as sorted lists)."""
+
+        def canonical(value):
+            if isinstance(value, (set, frozenset, list, tuple)):
+                items = [canonical(v) for v in value]
+                return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+            if isinstance(value, dict):
+                return {str(k): canonical(v) for k, v in value.items()}
+            return value.value if isinstance(value, PeftType) else value
+
+        pinned = {name: canonical(getattr(self, name)) for name in self.PINNED_FIELDS}
+        if isinstance(pinned["target_modules"], list):
+            pinned["target_modules"] = sorted(pinned["target_modules"])  # a list is a set of names to peft
+        return pinned
+
+    def prefix_for_checksum(self) -> str:
+        """The method's tensor prefix (``"nola_"``), which the first checksum version covered."""
+        from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+        return PEFT_TYPE_TO_PREFIX_MAPPING[self.peft_type]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        # Called by PeftModel.from_pretrained before anything else: the adapter's files are checked here, before a
-        # model is touched.
+        # Called by PeftModel.from_pretrained and load_adapter (new name) before a model is touched: every file of
+        # the adapter is checked here, and the config returned is the one built from the bytes checked (peft's own
+        # from_pretrained would read the file a second time). The model-dependent checks follow in inject_adapter,
+        # still before the first module is replaced.
         path = Path(pretrained_model_name_or_path) / (subfolder or "")
-        if path.is_dir():
-            check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not path.exists() and not path.is_symlink():  # a Hub id: peft downloads it (checked in the load hook)
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        _, class_kwargs, _ = cls._split_kwargs(kwargs)
+        checked = check_adapter_dir(path, cls, class_kwargs=class_kwargs)
+        config = checked.config
+        config._checked = checked
+        return config
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -429,6 +511,37 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         return f"{self.method_name}." + super().__repr__()
 
 
+def _dtype_names(dtype: torch.dtype) -> tuple[str, ...]:
+    """safetensors dtype names a tensor stored for a parameter of ``dtype`` may have: any float for a float one."""
+    from ..checks import _DTYPES
+
+    if dtype.is_floating_point:
+        return FLOAT_DTYPES
+    return tuple(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def _load_adapter_source() -> Optional[Path]:
+    """The local directory ``PeftModel.load_adapter`` is loading from, if this call runs inside it (else ``None``).
+
+    peft passes the tuner's load hook a state dict but not its source, and ``load_adapter`` onto an existing adapter
+    name (what ``Trainer`` does to resume) reads no config, so no other hook of ours runs. The caller's frame is found
+    by its code object, which is exact; without it (another caller) the state-dict checks below still run."""
+    from peft import PeftModel
+
+    code = PeftModel.load_adapter.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            model_id = frame.f_locals.get("model_id")
+            subfolder = (frame.f_locals.get("hf_hub_download_kwargs") or {}).get("subfolder")
+            if model_id is None:
+                return None
+            path = Path(model_id) / (subfolder or "")
+            return path if os.path.lexists(path) else None
+        frame = frame.f_back
+    return None
+
+
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -459,8 +572,81 @@ class LowRankTuner(BaseTuner):
         # an adapter made for another model leaves the user's model untouched.
         peft_config = self.peft_config[adapter_name]
         if kwargs.get("state_dict") is None:
-            self._check_targets(peft_config, self._targeted_modules(model, peft_config))
+            targets = self._targeted_modules(model, peft_config)
+            self._check_targets(peft_config, targets)
+            checked = getattr(peft_config, "_checked", None)
+            if checked is not None:  # loading: the file's tensors against this model, before it is changed
+                expected = self._expected_file_tensors(model, peft_config, targets)
+                check_declared_tensors(checked.entries, expected, checked.path / "adapter_model.safetensors")
         super().inject_adapter(model, adapter_name, **kwargs)
+
+    # ----------------------------------------------------------------------------------- what a file may hold
+    @classmethod
+    def _file_tensor_specs(cls, config: PeftConfig, num_blocks: int, block_rows, cols) -> dict[str, tuple]:
+        """``{parameter name: (shape, allowed safetensors dtypes)}`` that the adapter file holds for one adapted module
+        with ``num_blocks`` adapted blocks of shape ``(block_rows, cols)``; ``None`` for a size not known without the
+        model (``block_rows``/``cols`` are ``None`` then)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_file_entries(cls, config: PeftConfig, entries: dict, weights_path: Path) -> None:
+        """Refuse, from the header alone, any tensor that is neither one of this adapter's own (with the shape and
+        dtype the config implies, as far as known without the model) nor a parameter of a ``modules_to_save`` module
+        (or a bias, when ``bias`` says biases train); run by :func:`peft_nola.checks.check_adapter_dir`."""
+        root = "base_model.model."
+        names = list(config.modules_to_save or [])
+        for key, entry in entries.items():
+            module_key, _, param = key.removeprefix(root).rpartition(".")
+            if key.startswith(root) and param.startswith(cls.prefix) and module_key:
+                splits, adapt = resolve_slices(config.output_slices, module_key)
+                specs = cls._file_tensor_specs(config, len(adapt), None, None)
+                if param not in specs:
+                    raise AdapterFileError(f"'{key}' in {weights_path} is not a tensor {cls.method_name} adapters have "
+                                           f"(they have {sorted(specs)}); the file was edited or is not this adapter's")
+                shape, dtypes = specs[param]
+                if len(entry.shape) != len(shape) or any(
+                    want is not None and got != want for got, want in zip(entry.shape, shape)
+                ):
+                    raise AdapterFileError(
+                        f"'{key}' in {weights_path} has shape {entry.shape}, but its adapter_config.json implies "
+                        f"{tuple('?' if d is None else d for d in shape)}: the file does not belong to its config."
+                    )
+                if entry.dtype not in dtypes:
+                    raise AdapterFileError(
+                        f"'{key}' in {weights_path} is stored as {entry.dtype}; {cls.method_name} stores it as one of "
+                        f"{list(dtypes)}. Save the adapter again with peft-nola."
+                    )
+                continue
+            if key.startswith(root) and any(module_key.endswith(name) for name in names):
+                continue
+            if key.startswith(root) and config.bias != "none" and param == "bias":
+                continue
+            raise AdapterFileError(
+                f"{weights_path} holds the tensor '{key}', which is neither one of this adapter's own tensors nor a "
+                f"parameter of a module in modules_to_save ({names}): loading it would overwrite the base model. "
+                f"Refusing to load; the file was edited or does not belong to its adapter_config.json."
+            )
+
+    def _expected_file_tensors(self, model: nn.Module, config: PeftConfig, targets) -> dict[str, tuple]:
+        """``{file key: (shape, allowed dtypes)}`` of everything the adapter file must hold for ``model``."""
+        root = "base_model.model."
+        expected = {}
+        for key, base_layer in targets:
+            rows, cols = matrix_shape(base_layer)
+            splits, adapt = resolve_slices(config.output_slices, key)
+            for param, spec in self._file_tensor_specs(config, len(adapt), rows // splits, cols).items():
+                expected[f"{root}{key}.{param}"] = spec
+        names = list(config.modules_to_save or [])
+        target_keys = {key for key, _ in targets}
+        for name, module in model.named_modules():
+            if names and any(name.endswith(n) for n in names) and not isinstance(module, BaseTunerLayer):
+                for param, tensor in module.state_dict().items():
+                    expected[f"{root}{name}.{param}"] = (tuple(tensor.shape), _dtype_names(tensor.dtype))
+            if config.bias == "all" or (config.bias != "none" and name in target_keys):
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor) and not isinstance(module, BaseTunerLayer):
+                    expected[f"{root}{name}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
+        return expected
 
     def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
         """Validate the matched ``(key, base layer)`` pairs before injection, and fill in or verify the layout
@@ -541,24 +727,60 @@ class LowRankTuner(BaseTuner):
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
-        config.weights_checksum = tensors_checksum(as_written, cls.prefix)
+        pinned = config.pinned_fields()
+        config.config_fingerprint = field_fingerprints(pinned)
+        config.weights_checksum = tensors_checksum(as_written, pinned=pinned)
         return tensors
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        if config.weights_checksum is not None and tensors_checksum(state_dict, cls.prefix) != config.weights_checksum:
-            raise ValueError(
-                f"The adapter file's {cls.method_name} tensors do not match the weights_checksum recorded in its "
-                f"adapter_config.json ({config.weights_checksum!r}): the file was altered or corrupted, or belongs to "
-                f"another adapter. Save the adapter again."
-            )
+        # Runs inside peft's set_peft_model_state_dict before any weight is written. A new adapter's files were
+        # checked when its config was loaded; load_adapter onto an existing name (Trainer's resume) reads no config,
+        # so its directory is checked here, against the adapter already in the model.
+        checked = getattr(config, "_checked", None)
+        source = _load_adapter_source()
+        if source is not None and (checked is None or checked.path != source):
+            checked = cls._check_existing_adapter(model, config, source)
+        own = {key: value for key, value in state_dict.items() if f".{cls.prefix}" in key}
+        if checked is not None:
+            # peft read the file again after the check: it must have read the bytes that were checked.
+            if tensors_checksum(own, cls.prefix) != checked.own_digest:
+                raise ValueError(f"{checked.path} changed while it was being loaded; load it again")
+        elif config.weights_checksum is not None and not config.weights_checksum.startswith("v2-"):
+            if tensors_checksum(own, cls.prefix) != config.weights_checksum:
+                raise ValueError(
+                    f"The adapter file's {cls.method_name} tensors do not match the weights_checksum recorded in its "
+                    f"adapter_config.json ({config.weights_checksum!r}): the file was altered or corrupted, or "
+                    f"belongs to another adapter. Save the adapter again."
+                )
         remapped = super()._remap_adapter_state_dict_for_load(
             model, config, adapter_name, cls._decode_from_file(config, state_dict)
         )
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         check_loaded_tensors(expected, remapped, cls.prefix)
+        config.__dict__.pop("_checked", None)  # a later load_adapter onto this name checks its own directory
         return remapped
+
+    @classmethod
+    def _check_existing_adapter(cls, model, config: PeftConfig, source: Path) -> CheckedAdapter:
+        """Check the directory ``load_adapter`` reads into the existing adapter whose config is ``config``: all of
+        :func:`~peft_nola.checks.check_adapter_dir`, and the file's pinned fields and fingerprints equal the adapter's
+        (a checkpoint of another configuration would load into this one's layers as a different model)."""
+        checked = check_adapter_dir(source, type(config))
+        saved, ours = checked.config.pinned_fields(), config.pinned_fields()
+        for name in ("layout_fingerprint", "basis_fingerprint"):
+            if getattr(config, name, None) is not None and getattr(checked.config, name, None) is not None:
+                saved[name], ours[name] = getattr(checked.config, name), getattr(config, name)
+        for name in saved:
+            if saved[name] != ours[name]:
+                raise AdapterFileError(
+                    f"{source / 'adapter_config.json'} has {name}={saved[name]!r}, but the adapter it is being loaded "
+                    f"into has {name}={ours[name]!r}: the checkpoint belongs to another adapter configuration. Resume "
+                    f"with the configuration it was saved with, or load it as a new adapter "
+                    f"(PeftModel.from_pretrained)."
+                )
+        return checked
 
     @classmethod
     def _encode_for_file(cls, config: PeftConfig, adapter_name: str, tensors: dict) -> dict:
