@@ -139,6 +139,12 @@ def check_adapter_dir(
         pinned = config.pinned_fields()
         digest, legacy = stream_tensors(weights_path, handle, entries, pinned, config.prefix_for_checksum())
     recorded = config.weights_checksum
+    if recorded is None and config.config_fingerprint is not None:
+        raise AdapterFileError(
+            f"{config_path} has a config_fingerprint but no weights_checksum: this version records both on every "
+            f"save, so the checksum was removed after saving and the tensors cannot be verified. Restore the saved "
+            f"adapter_config.json, or save the adapter again."
+        )
     if recorded is not None and recorded != (digest if recorded.startswith(CHECKSUM_VERSION) else legacy):
         raise AdapterFileError(
             f"the tensors of {weights_path} do not match the weights_checksum recorded in {config_path} "
@@ -355,10 +361,25 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def stream_tensors(path: Path, handle, entries: dict[str, TensorEntry], pinned: dict, prefix: str) -> tuple[str, str]:
-    """Read every tensor's bytes in bounded chunks: refuse NaN/Inf in float tensors, and return ``(digest, legacy)``:
-    this version's checksum (every tensor and the pinned fields) and the first version's (the method's own tensors).
-    """
+def file_checksum(weights_path: Path, config, own_digest: str) -> Optional[str]:
+    """The ``weights_checksum`` of the adapter file ``weights_path`` just written for ``config``: every tensor in it and
+    the config's pinned fields. ``None`` if the file is missing or is not the one written (its own tensors do not
+    hash to ``own_digest``, what the save hook saw)."""
+    try:
+        with open_regular_file(weights_path, what="adapter weights") as handle:
+            entries = read_safetensors_header(weights_path, handle)
+            digest, legacy = stream_tensors(weights_path, handle, entries, config.pinned_fields(),
+                                            config.prefix_for_checksum(), check_finite=False)
+    except AdapterFileError:
+        return None
+    return digest if legacy == own_digest else None
+
+
+def stream_tensors(path: Path, handle, entries: dict[str, TensorEntry], pinned: dict, prefix: str,
+                   check_finite: bool = True) -> tuple[str, str]:
+    """Read every tensor's bytes in bounded chunks: refuse NaN/Inf in float tensors (``check_finite``), and return
+    ``(digest, legacy)``: this version's checksum (every tensor and the pinned fields) and the first version's (the
+    method's own tensors)."""
     data_start = 8 + int.from_bytes(_pread(handle, 0, 8), "little")
     digest, legacy = _new_digest(pinned), hashlib.sha256()
     for key in sorted(entries):
@@ -375,7 +396,7 @@ def stream_tensors(path: Path, handle, entries: dict[str, TensorEntry], pinned: 
             digest.update(chunk)
             if own:
                 legacy.update(chunk)
-            if entry.dtype in FLOAT_DTYPES and not torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all():
+            if check_finite and entry.dtype in FLOAT_DTYPES and not torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all():
                 raise AdapterFileError(
                     f"'{key}' in {path} contains NaN or Inf values; refusing to load it. Save the adapter again "
                     f"from a model whose training did not diverge."

@@ -35,12 +35,12 @@ def edit_config(path, **changes):
 
 
 def edit_tensors(path, fn):
-    """Rewrite the tensors as another tool would: a valid file without peft-nola's weights_checksum in the config
-    (with the checksum, any edit is caught by it first; these tests exercise the checks below it)."""
+    """Rewrite the tensors as another tool would: a valid file without peft-nola's weights_checksum and
+    config_fingerprint in the config (with them, any edit is caught first; these tests exercise the checks below)."""
     tensors = load_file(path / WEIGHTS)
     fn(tensors)
     save_file(tensors, path / WEIGHTS)
-    edit_config(path, weights_checksum=None)
+    edit_config(path, weights_checksum=None, config_fingerprint=None)
 
 
 def test_truncated_safetensors(adapter_dir):

@@ -53,6 +53,7 @@ from ..checks import (
     check_loaded_tensors,
     check_regex,
     field_fingerprints,
+    file_checksum,
     tensors_checksum,
 )
 
@@ -243,6 +244,14 @@ class LowRankConfig(PeftConfig):
         config = checked.config
         config._checked = checked
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        # PeftModel.save_pretrained writes the weights, then this config: record the checksum of the file just
+        # written (every tensor in it), if it is the one this save produced.
+        pending = self.__dict__.pop("_pending_own_digest", None)
+        if pending is not None:
+            self.weights_checksum = file_checksum(Path(save_directory) / "adapter_model.safetensors", self, pending)
+        super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -542,6 +551,47 @@ def _load_adapter_source() -> Optional[Path]:
     return None
 
 
+class _AdapterConfigs(dict):
+    """A tuner's ``{adapter name: config}``. ``name in configs``, asked by ``PeftModel.load_adapter`` for a name that
+    exists, checks the directory being loaded against that adapter (every file, the pinned fields, each declared
+    tensor against the model) before peft reads any of it."""
+
+    def __contains__(self, name) -> bool:
+        present = super().__contains__(name)
+        if present and sys._getframe(1).f_code is _load_adapter_code():
+            _check_load_into_existing(sys._getframe(1).f_locals, name, self[name])
+        return present
+
+
+def _load_adapter_code():
+    from peft import PeftModel
+
+    return PeftModel.load_adapter.__code__
+
+
+def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfig) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    peft_model, model_id = caller.get("self"), caller.get("model_id")
+    subfolder = (caller.get("hf_hub_download_kwargs") or {}).get("subfolder")
+    if peft_model is None or model_id is None:
+        return
+    source = Path(model_id) / (subfolder or "")
+    if not os.path.lexists(source):
+        return  # a Hub id: the state-dict checks of the load hook apply
+    tuner = peft_model.base_model
+    checked = type(tuner)._check_existing_adapter(config, source)
+    # What a save of this adapter would write (file keys), with the in-memory config left as it was.
+    saved = {name: getattr(config, name) for name in ("weights_checksum", "config_fingerprint")}
+    current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    for name, value in saved.items():
+        setattr(config, name, value)
+    config.__dict__.pop("_pending_own_digest", None)
+    expected = {key: (tuple(t.shape), _dtype_names(t.dtype)) for key, t in current.items()}
+    check_declared_tensors(checked.entries, expected, source / "adapter_model.safetensors")
+    config._checked = checked
+
+
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -555,6 +605,21 @@ class LowRankTuner(BaseTuner):
 
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     method_name = "low-rank"
+
+    # peft's load_adapter onto an existing adapter name (Trainer's resume) reads the weights file before any hook of
+    # ours runs; its first step that reaches this tuner is "adapter_name not in self.peft_config". The configs are
+    # therefore held in a dict that, asked that by load_adapter itself, checks the directory first (see
+    # _AdapterConfigs), so that a FIFO, a truncated file, a pickle or a junk tensor is refused before peft opens it.
+    @property
+    def peft_config(self) -> dict:
+        try:
+            return self.__dict__["_adapter_configs"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value: dict) -> None:
+        self.__dict__["_adapter_configs"] = _AdapterConfigs(value)
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         if peft_config.target_modules is None:
@@ -727,9 +792,12 @@ class LowRankTuner(BaseTuner):
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
-        pinned = config.pinned_fields()
-        config.config_fingerprint = field_fingerprints(pinned)
-        config.weights_checksum = tensors_checksum(as_written, pinned=pinned)
+        # peft adds the modules_to_save tensors (and may add others) after this hook, so the checksum of every tensor
+        # is taken from the file itself when the config is written next to it (LowRankConfig.save_pretrained); what
+        # this hook saw identifies that file as this save's.
+        config.config_fingerprint = field_fingerprints(config.pinned_fields())
+        config.weights_checksum = None
+        config._pending_own_digest = tensors_checksum(as_written, cls.prefix)
         return tensors
 
     @classmethod
@@ -740,7 +808,7 @@ class LowRankTuner(BaseTuner):
         checked = getattr(config, "_checked", None)
         source = _load_adapter_source()
         if source is not None and (checked is None or checked.path != source):
-            checked = cls._check_existing_adapter(model, config, source)
+            checked = cls._check_existing_adapter(config, source)
         own = {key: value for key, value in state_dict.items() if f".{cls.prefix}" in key}
         if checked is not None:
             # peft read the file again after the check: it must have read the bytes that were checked.
@@ -763,7 +831,7 @@ class LowRankTuner(BaseTuner):
         return remapped
 
     @classmethod
-    def _check_existing_adapter(cls, model, config: PeftConfig, source: Path) -> CheckedAdapter:
+    def _check_existing_adapter(cls, config: PeftConfig, source: Path) -> CheckedAdapter:
         """Check the directory ``load_adapter`` reads into the existing adapter whose config is ``config``: all of
         :func:`~peft_nola.checks.check_adapter_dir`, and the file's pinned fields and fingerprints equal the adapter's
         (a checkpoint of another configuration would load into this one's layers as a different model)."""
