@@ -293,7 +293,10 @@ def build_config(config_path: Path, raw: bytes, config_cls=None, class_kwargs: O
         )
     cls = ours[peft_type]
     if config_cls is not None and cls is not config_cls:
-        raise AdapterFileError(f"{config_path} says peft_type={peft_type!r}, but a {config_cls.__name__} was expected")
+        raise AdapterFileError(
+            f"{config_path} says peft_type={peft_type!r}, but a {config_cls.__name__} was expected: the adapter "
+            f"belongs to another method than the one it is being loaded as"
+        )
     loaded.pop("runtime_config", None)  # runtime-only, as peft drops it
     kwargs = {**loaded, **(class_kwargs or {})}
     try:
