@@ -301,7 +301,7 @@ R, I = "refused", "identical"
 PEFT_FIRST = {"pretrained": "refused-by-peft", "existing": R}  # peft parses adapter_config.json before any plugin
 
 
-def peft_raw(kind):  # peft crashes on it before calling any peft-nola code (see README, Limitations)
+def peft_raw(kind):  # peft crashes before calling peft-nola code (README: "Loading broken or hostile adapters")
     return {"pretrained": f"raw:{kind}", "existing": R}
 
 
@@ -448,8 +448,9 @@ CASES = [
 
 
 def expected_outcome(case, path: str) -> str:
+    """``path``: "pretrained", "existing", or "new" (load_adapter onto a new name, which loads like "pretrained")."""
     expected = case[3]
-    return expected if isinstance(expected, str) else expected[path]
+    return expected if isinstance(expected, str) else expected["pretrained" if path == "new" else path]
 
 
 # ------------------------------------------------------------------------------------------------------ the worker
@@ -485,15 +486,17 @@ def run_case(root: Path, name: str, path: str, references: dict) -> tuple[str, s
         else:
             model = PeftModel.from_pretrained(base, str(root / kind))
             before = state(model)
-            model.load_adapter(str(directory), "default")
+            model.load_adapter(str(directory), "default" if path == "existing" else "other")
+            if path == "new":
+                model.set_adapter("other")
     except BaseException as error:  # noqa: BLE001 - the outcome is what is measured
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         message = f"{type(error).__name__}: {error}"[:400]
         if path == "pretrained":
             untouched = not any(isinstance(m, BaseTunerLayer) for m in base.modules()) and same(before, state(base))
-        else:
-            untouched = same(before, state(model))
+        else:  # the model and its adapter as they were; with "new", no trace of the refused adapter
+            untouched = same(before, state(model)) and "other" not in model.peft_config
         from peft_nola.checks import AdapterFileError
 
         documented = isinstance(error, AdapterFileError) or (

@@ -705,6 +705,9 @@ class LowRankTuner(BaseTuner):
         target_keys = {key for key, _ in targets}
         for name, module in model.named_modules():
             if names and any(name.endswith(n) for n in names) and not isinstance(module, BaseTunerLayer):
+                # Already wrapped by another adapter's modules_to_save: the file holds the original module's keys.
+                module = getattr(module, "original_module", module) if isinstance(
+                    module, AuxiliaryTrainingWrapper) else module
                 for param, tensor in module.state_dict().items():
                     expected[f"{root}{name}.{param}"] = (tuple(tensor.shape), _dtype_names(tensor.dtype))
             if config.bias == "all" or (config.bias != "none" and name in target_keys):
