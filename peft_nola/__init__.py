@@ -10,9 +10,10 @@ add_peft_type("NOLA")  # before the config classes are used: their __post_init__
 add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
+from .checks import AdapterFileError, check_adapter_dir  # noqa: E402
 from .quantization import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
-from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
+from .tuners.lowrank import GPT2_QV_SLICES, check_adapter_for_model  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
 from .tuners.nora import NoraConfig, NoraLayer, NoraModel  # noqa: E402
 
@@ -22,6 +23,7 @@ register("nora", NoraConfig, NoraModel, prefix="nora_")
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "GPT2_QV_SLICES",
     "NolaConfig",
     "NolaLayer",
@@ -30,6 +32,8 @@ __all__ = [
     "NoraLayer",
     "NoraModel",
     "basis_rows",
+    "check_adapter_dir",
+    "check_adapter_for_model",
     "generator_fingerprint",
     "lora_quantization_aware",
     "quantize_coefficients",

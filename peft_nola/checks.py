@@ -399,7 +399,8 @@ def stream_tensors(path: Path, handle, entries: dict[str, TensorEntry], pinned: 
             digest.update(chunk)
             if own:
                 legacy.update(chunk)
-            if check_finite and entry.dtype in FLOAT_DTYPES and not torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all():
+            values = torch.frombuffer(bytearray(chunk), dtype=dtype) if check_finite else None
+            if entry.dtype in FLOAT_DTYPES and values is not None and not torch.isfinite(values).all():
                 raise AdapterFileError(
                     f"'{key}' in {path} contains NaN or Inf values; refusing to load it. Save the adapter again "
                     f"from a model whose training did not diverge."
@@ -427,7 +428,9 @@ def _new_digest(pinned: dict):
     return digest
 
 
-def tensors_checksum(tensors: dict[str, torch.Tensor], prefix: Optional[str] = None, pinned: Optional[dict] = None) -> str:
+def tensors_checksum(
+    tensors: dict[str, torch.Tensor], prefix: Optional[str] = None, pinned: Optional[dict] = None
+) -> str:
     """A hash of the tensors as stored in the adapter file (keys, dtypes, shapes and bytes), recorded in the config
     as ``weights_checksum`` on save and checked on load.
 
@@ -530,8 +533,8 @@ def check_declared_tensors(entries: dict[str, TensorEntry], expected: dict[str, 
             )
         if entry.dtype not in dtypes:
             raise AdapterFileError(
-                f"'{key}' in {weights_path} is stored as {entry.dtype}; this adapter stores it as one of {list(dtypes)}. "
-                f"Save the adapter again with peft-nola."
+                f"'{key}' in {weights_path} is stored as {entry.dtype}; this adapter stores it as one of "
+                f"{list(dtypes)}. Save the adapter again with peft-nola."
             )
 
 

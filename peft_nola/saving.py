@@ -20,8 +20,8 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 def save_pretrained_atomic(model, save_directory: str | os.PathLike, **kwargs) -> None:
     """``model.save_pretrained(save_directory, **kwargs)``, such that an interruption never leaves a half-written file.
 
-    peft saves into a fresh hidden folder inside ``save_directory`` (so on the same filesystem); every file is flushed to
-    disk and then moved over its destination with ``os.replace``, which is atomic. An interruption before the moves
+    peft saves into a fresh hidden folder inside ``save_directory`` (so on the same filesystem); every file is flushed
+    to disk and then moved over its destination with ``os.replace``, which is atomic. An interruption before the moves
     leaves the previous adapter untouched (and a ``.tmp-save-*`` folder, deleted by the next save); each file is at
     every moment either the complete old one or the complete new one. The weights are moved immediately before the config: in
     the microseconds between those two renames the folder holds new weights with the old config, which loading

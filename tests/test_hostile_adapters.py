@@ -1,7 +1,7 @@
 """The hostile-input suite (issue 18): every mutation of a valid adapter directory in tests/hostile.py, loaded through
 ``PeftModel.from_pretrained`` and through ``load_adapter`` onto an existing adapter name (what ``Trainer`` does to
-resume; every third case also onto a new name), ends as its expected outcome: an identical model, or peft-nola's documented refusal raised before the model
-was changed. A few configs are parsed by peft itself before any peft-nola code runs; their expected outcomes record
+resume; every third case also onto a new name), ends as its expected outcome: an identical model, or peft-nola's
+documented refusal raised before the model was changed. A few configs are parsed by peft itself before any peft-nola code runs; their expected outcomes record
 what peft does (README: "Loading broken or hostile adapters").
 
 The cases run in worker processes (torch imported once per worker), each under a memory cap (RLIMIT_AS, 8 GiB) and a

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 from collections import Counter
 
 import pytest
@@ -104,7 +105,8 @@ def test_nan_coefficients_are_refused_naming_the_tensor(adapter_dir):
         key = sorted(tensors)[-1]
         tensors[key][0, 3] = float("inf")
     edit_tensors(adapter_dir, poison)
-    with pytest.raises(ValueError, match="layers.1.self_attn.v_proj.nola_coef_B' in .*adapter_model.safetensors contains NaN or Inf"):
+    with pytest.raises(ValueError,
+                       match="layers.1.self_attn.v_proj.nola_coef_B' in .*adapter_model.safetensors contains NaN or Inf"):
         load(adapter_dir)
 
 
@@ -153,8 +155,8 @@ def test_invalid_json_config(adapter_dir):
 
 DOCUMENTED = ("truncated or corrupted", "is not valid JSON", "does not hold a JSON object", "pickle file",
               "does not know", "must be", "weights_checksum", "made for a different model", "cannot be reproduced",
-              "lacks", "has no place for", "has shape", "NaN or Inf", "neither one of this adapter", "is not a tensor", "is stored as",
-              "field .* is", "config_fingerprint", "layers_pattern is set",
+              "lacks", "has no place for", "has shape", "NaN or Inf", "neither one of this adapter", "is not a tensor",
+              "is stored as", "config_fingerprint", "layers_pattern is set",
               "not found in the base model", "cannot adapt module", "not divisible by")
 
 
@@ -226,3 +228,63 @@ def test_fuzzed_adapter_directories_load_identically_or_fail_clearly(adapter_dir
         print(f"  {kind:13s} {outcome:28s} {count}")
     identical = sum(count for (_, outcome), count in outcomes.items() if outcome == "identical")
     assert 0 < identical < sum(outcomes.values())
+
+
+# ------------------------------------------------------------------------------------- the entry point, directly
+
+
+def test_check_adapter_dir_returns_the_checked_config_and_tensors(adapter_dir):
+    from peft_nola import check_adapter_dir
+
+    checked = check_adapter_dir(adapter_dir, read_tensors=True)
+    assert isinstance(checked.config, NolaConfig) and checked.config.num_basis_A == 20
+    assert checked.tensors.keys() == load_file(adapter_dir / WEIGHTS).keys() == checked.entries.keys()
+    assert checked.digest == checked.config.weights_checksum  # every tensor and the pinned fields, as saved
+    edit_config(adapter_dir, basis_mode="per_layer")
+    with pytest.raises(ValueError, match="the field 'basis_mode' is 'per_layer', not the value the adapter was"):
+        check_adapter_dir(adapter_dir)
+
+
+def test_check_adapter_for_model_compares_with_the_existing_adapter(adapter_dir, tmp_path):
+    from peft_nola import check_adapter_for_model
+
+    model = load(adapter_dir)
+    assert check_adapter_for_model(model, adapter_dir, "default").config.r == 4
+    other = tmp_path / "other"
+    get_peft_model(tiny_llama(), NolaConfig(r=4, num_basis_A=20, num_basis_B=10, basis_seed=3,
+                                            target_modules=["q_proj", "v_proj"])).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"has basis_seed=3, but the adapter it is being loaded into has basis_seed=0"):
+        check_adapter_for_model(model, other, "default")
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+                                     r".*(attn|mlp)\..*_proj", "c_attn"])
+def test_usual_target_regexes_are_accepted(pattern):
+    NolaConfig(target_modules=pattern)
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("(a+)+b", "nested quantifiers"), (r"(\.\d+)*x", "nested quantifiers"), ("(a|ab)*c", "a quantified alternation"),
+    (r"(\w+)\1", "a backreference"), (".*a.*b.*c.*d", "4 unbounded repetitions"), ("x" * 600, "600 characters"),
+])
+def test_target_regexes_that_can_take_exponential_time_are_refused(pattern, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        NolaConfig(target_modules=pattern)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        NolaConfig(target_modules=["q_proj"], exclude_modules=pattern)
+
+
+def test_auto_peft_model_runs_the_same_checks(adapter_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    edit_config(adapter_dir, base_model_name_or_path=str(tmp_path / "base"))  # editable: not a pinned field
+    ids = torch.randint(1, 90, (2, 6))
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+        assert torch.equal(auto(ids).logits, load(adapter_dir)(ids).logits)
+    data = bytearray((adapter_dir / WEIGHTS).read_bytes())
+    data[-3] ^= 0x01
+    (adapter_dir / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+        AutoPeftModelForCausalLM.from_pretrained(adapter_dir)

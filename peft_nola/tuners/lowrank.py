@@ -570,8 +570,6 @@ def _load_adapter_code():
 
 
 def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfig) -> None:
-    from peft.utils import get_peft_model_state_dict
-
     peft_model, model_id = caller.get("self"), caller.get("model_id")
     subfolder = (caller.get("hf_hub_download_kwargs") or {}).get("subfolder")
     if peft_model is None or model_id is None:
@@ -579,8 +577,24 @@ def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfi
     source = Path(model_id) / (subfolder or "")
     if not os.path.lexists(source):
         return  # a Hub id: the state-dict checks of the load hook apply
-    tuner = peft_model.base_model
-    checked = type(tuner)._check_existing_adapter(config, source)
+    config._checked = check_adapter_for_model(peft_model, source, adapter_name)
+
+
+def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_name: str) -> CheckedAdapter:
+    """Check the adapter directory ``path`` for loading into the existing adapter ``adapter_name`` of ``peft_model``
+    (a ``PeftModel`` with a NOLA/NoRA adapter of that name), before anything is read into the model.
+
+    Runs :func:`peft_nola.checks.check_adapter_dir` (every file), then requires the file's pinned fields and
+    fingerprints to equal the adapter's, and every tensor the file declares to be one a save of this adapter would
+    write, with its shape and an allowed dtype. Returns the :class:`~peft_nola.checks.CheckedAdapter`; raises
+    :class:`~peft_nola.checks.AdapterFileError` naming the file and the field or tensor. Used by ``load_adapter``
+    onto an existing name (Trainer's resume) and meant for anything else that replaces an adapter's weights.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    config = peft_model.peft_config[adapter_name]
+    path = Path(path)
+    checked = type(peft_model.base_model)._check_existing_adapter(config, path)
     # What a save of this adapter would write (file keys), with the in-memory config left as it was.
     saved = {name: getattr(config, name) for name in ("weights_checksum", "config_fingerprint")}
     current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
@@ -588,8 +602,8 @@ def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfi
         setattr(config, name, value)
     config.__dict__.pop("_pending_own_digest", None)
     expected = {key: (tuple(t.shape), _dtype_names(t.dtype)) for key, t in current.items()}
-    check_declared_tensors(checked.entries, expected, source / "adapter_model.safetensors")
-    config._checked = checked
+    check_declared_tensors(checked.entries, expected, path / "adapter_model.safetensors")
+    return checked
 
 
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
