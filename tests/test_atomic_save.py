@@ -168,6 +168,43 @@ def concurrent_saves(folder: Path, count: int) -> list[list[tuple[float, float, 
     return calls
 
 
+def test_concurrent_saves_from_two_threads_end_with_one_complete_adapter(tmp_path):
+    """The fast variant of the test below: two threads of this process (each save takes its own lock on the folder,
+    which excludes the other thread as it would another process), 6 saves each."""
+    import threading
+
+    folder, calls, barrier = tmp_path / "adapter", [[], []], threading.Barrier(2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(get_peft_model(TinyMLP(), NolaConfig(r=1, num_basis_A=200_000, num_basis_B=200_000,
+                                                           target_modules=["lin0"])))
+
+    def saver(index):
+        params = [p for n, p in models[index].named_parameters() if "nola_coef" in n]
+        barrier.wait()
+        for version in range(100 * (index + 1), 100 * (index + 1) + 6):
+            with torch.no_grad():
+                for p in params:
+                    p.fill_(version)
+            began = time.monotonic()
+            save_pretrained_atomic(models[index], folder)
+            calls[index].append((version, began, time.monotonic()))
+
+    threads = [threading.Thread(target=saver, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [len(c) for c in calls] == [6, 6]
+    overlaps = sum(a_start < b_end and b_start < a_end
+                   for _, a_start, a_end in calls[0] for _, b_start, b_end in calls[1])
+    assert overlaps >= 1, calls
+    assert coefficient_versions(folder) == {max(calls[0] + calls[1], key=lambda call: call[2])[0]}
+    assert not list(folder.glob(".tmp-save-*"))
+
+
+@pytest.mark.slow
 def test_concurrent_saves_into_one_folder_end_with_one_complete_adapter(tmp_path):
     """Two processes save into one folder at the same time, 8 times each. Unserialised, one save's weights can land
     with the other's config (neither loads); under the folder lock the saves run
@@ -213,3 +250,21 @@ def test_atomic_save_replaces_the_adapter_and_keeps_other_files(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
 
+
+
+@pytest.mark.slow
+def test_concurrent_unlocked_saves_do_go_wrong(tmp_path, monkeypatch):
+    """Control for the thread test: without the folder lock, some rounds end with an adapter that is not the last one
+    saved (the two saves' renames interleaved); measured here in about 1 round of 8."""
+    import contextlib
+
+    import peft_nola.saving
+
+    monkeypatch.setattr(peft_nola.saving, "_save_lock", lambda folder: contextlib.nullcontext(False))
+    failures = 0
+    for attempt in range(40):
+        try:
+            test_concurrent_saves_from_two_threads_end_with_one_complete_adapter(tmp_path / str(attempt))
+        except (AssertionError, ValueError):
+            failures += 1
+    assert failures >= 1
