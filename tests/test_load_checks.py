@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_nola import NolaConfig, NolaLayer
+from peft_nola import NolaConfig, NolaLayer, NoraConfig
 
-from .conftest import tiny_llama
+from .conftest import tiny_gpt2, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -288,3 +288,48 @@ def test_auto_peft_model_runs_the_same_checks(adapter_dir, tmp_path):
     (adapter_dir / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="do not match the weights_checksum"):
         AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+
+
+def _seq_cls_llama():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, num_labels=3, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("make_base, config", [
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj", "v_proj"], bias="all")),
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj"], bias="nola_only")),
+    (_seq_cls_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj"], task_type="SEQ_CLS")),
+    (tiny_gpt2, NoraConfig(r=4, inner_r=2, target_modules=["c_attn"], store_outer_factors=True,
+                           output_slices={"c_attn": {"splits": 3, "adapt": [0, 2]}}, modules_to_save=["lm_head"])),
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=r".*\.(q_proj|v_proj)",
+                            layers_to_transform=[1], layers_pattern="layers")),
+], ids=["bias-all", "bias-nola-only", "seq-cls-heads", "nora-slices-stored-factors", "regex-layers"])
+def test_legitimate_adapters_pass_every_check_and_load_identically(tmp_path, make_base, config):
+    """No false refusals: adapters with biases, automatic classification heads in modules_to_save, stored NoRA
+    factors on sliced outputs, regex targets, through from_pretrained and load_adapter onto the existing name."""
+    torch.manual_seed(0)
+    model = get_peft_model(make_base(), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)  # trained values, heads and biases included
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(1, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+        assert torch.equal(loaded(ids).logits, expected)
+        resumed = get_peft_model(make_base(), type(config)(**_fresh(config)))
+        resumed.load_adapter(tmp_path, "default")
+        assert torch.equal(resumed.eval()(ids).logits, expected)
+
+
+def _fresh(config) -> dict:
+    """The fields a user passes to create this config again (no fingerprints, no derived values)."""
+    derived = {"peft_type", "layout_fingerprint", "basis_fingerprint", "weight_fingerprint", "weights_checksum",
+               "config_fingerprint", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"}
+    return {k: v for k, v in config.to_dict().items() if k not in derived}

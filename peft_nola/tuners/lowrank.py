@@ -220,8 +220,11 @@ class LowRankConfig(PeftConfig):
             return value.value if isinstance(value, PeftType) else value
 
         pinned = {name: canonical(getattr(self, name)) for name in self.PINNED_FIELDS}
-        if isinstance(pinned["target_modules"], list):
-            pinned["target_modules"] = sorted(pinned["target_modules"])  # a list is a set of names to peft
+        for name in ("target_modules", "modules_to_save"):
+            # Sets of names to peft (PeftModelForSequenceClassification appends its heads to modules_to_save again
+            # on every load).
+            if isinstance(pinned[name], list):
+                pinned[name] = sorted(set(pinned[name]))
         return pinned
 
     def prefix_for_checksum(self) -> str:
@@ -577,6 +580,9 @@ def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfi
     source = Path(model_id) / (subfolder or "")
     if not os.path.lexists(source):
         return  # a Hub id: the state-dict checks of the load hook apply
+    checked = getattr(config, "_checked", None)
+    if checked is not None and checked.path == source:
+        return  # PeftModel.from_pretrained: checked when its config was loaded, the model checked on injection
     config._checked = check_adapter_for_model(peft_model, source, adapter_name)
 
 
