@@ -107,8 +107,9 @@ def check_adapter_dir(
     module's), with the shape and dtype its config implies; the pinned config fields match ``config_fingerprint``;
     every tensor's bytes match ``weights_checksum``; no float tensor holds NaN or Inf.
 
-    Raises :class:`AdapterFileError` (a ``ValueError``) naming the file and the problem, ``MemoryError`` never (nothing
-    is read in one piece larger than :data:`CHUNK_BYTES` unless ``read_tensors``).
+    Raises :class:`AdapterFileError` (a ``ValueError``) naming the file and the problem. Memory stays bounded whatever
+    the files declare: tensor data is read in pieces of :data:`CHUNK_BYTES` (all at once only with ``read_tensors``,
+    after the checks).
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -123,8 +124,8 @@ def check_adapter_dir(
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
 
     weights_path = path / WEIGHTS_NAME
-    if _entry_kind(weights_path) is None:
-        pickles = [name for name in PICKLE_NAMES if _entry_kind(path / name) is not None]
+    if not _exists(weights_path):
+        pickles = [name for name in PICKLE_NAMES if _exists(path / name)]
         if pickles:
             raise AdapterFileError(
                 f"{path / pickles[0]} is a pickle file. peft-nola loads adapters from safetensors only and never "
@@ -177,15 +178,15 @@ def _require_directory(path: Path) -> None:
         raise AdapterFileError(f"{path} is not a directory: pass the folder that model.save_pretrained(dir) wrote")
 
 
-def _entry_kind(path: Path) -> Optional[str]:
-    """``None`` if nothing (not even a dangling link) is at ``path``, else ``"present"``."""
+def _exists(path: Path) -> bool:
+    """Whether anything, even a dangling link or an unreadable entry, is at ``path``."""
     try:
         os.lstat(path)
     except FileNotFoundError:
-        return None
+        return False
     except OSError:
-        return "present"
-    return "present"
+        return True
+    return True
 
 
 _KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -218,7 +219,7 @@ def open_regular_file(path: Path, what: str):
 
 def read_regular_file(path: Path, max_bytes: int, what: str) -> Optional[bytes]:
     """The bytes of the regular file ``path`` (``None`` if nothing is there), refusing files over ``max_bytes``."""
-    if _entry_kind(path) is None:
+    if not _exists(path):
         return None
     with open_regular_file(path, what) as handle:
         try:
