@@ -19,6 +19,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -139,6 +140,8 @@ def check_adapter_dir(
         tuner_cls.check_file_entries(config, entries, weights_path)
         pinned = config.pinned_fields()
         digest, legacy = stream_tensors(weights_path, handle, entries, pinned, config.prefix_for_checksum())
+        tuner_cls.check_file_values(config, entries, partial(read_small_tensor, weights_path, handle, entries),
+                                    weights_path)
     recorded = config.weights_checksum
     if recorded is None and config.config_fingerprint is not None:
         raise AdapterFileError(
@@ -407,6 +410,16 @@ def stream_tensors(path: Path, handle, entries: dict[str, TensorEntry], pinned: 
                     f"from a model whose training did not diverge."
                 )
     return CHECKSUM_VERSION + digest.hexdigest()[:32], legacy.hexdigest()[:16]
+
+
+def read_small_tensor(path: Path, handle, entries: dict[str, TensorEntry], key: str) -> torch.Tensor:
+    """One tensor of at most 1 MiB (a method's header or scale tensors), read from the open weights file."""
+    entry = entries[key]
+    if entry.stop - entry.start > 1 << 20:
+        raise AdapterFileError(f"'{key}' in {path} holds {entry.stop - entry.start} bytes, more than such a tensor has")
+    data_start = 8 + int.from_bytes(_pread(handle, 0, 8), "little")
+    data = bytearray(_pread(handle, data_start + entry.start, entry.stop - entry.start))
+    return torch.frombuffer(data, dtype=_DTYPES[entry.dtype]).reshape(entry.shape) if data else torch.zeros(entry.shape)
 
 
 def _pread(handle, offset: int, length: int) -> bytes:

@@ -442,6 +442,10 @@ CASES = [
     ("quant-flip-header", "quant", flip_byte("coef", "qheader"), R),
     ("quant-bits", "quant", edit(coefficient_bits=3), R),
     ("quant-scheme", "quant", edit(quantization_scheme="symmetric"), R),
+    ("quant-header-bits-unchecked", "quant", then(tensors_edit(
+        lambda t: t[first_key(t, "qheader")].__setitem__(1, 3.0)), UNCHECKED), R),
+    ("quant-header-shape-unchecked", "quant", then(tensors_edit(
+        lambda t: t[first_key(t, "qheader")].__setitem__(5, 19.0)), UNCHECKED), R),
     ("quant-header-removed-unchecked", "quant", then(tensors_edit(
         lambda t: t.pop(first_key(t, "qheader"))), UNCHECKED), R),
 ]

@@ -712,6 +712,11 @@ class LowRankTuner(BaseTuner):
                 f"Refusing to load; the file was edited or does not belong to its adapter_config.json."
             )
 
+    @classmethod
+    def check_file_values(cls, config: PeftConfig, entries: dict, read, weights_path: Path) -> None:
+        """Method-specific checks of the values of small tensors (``read(key)`` returns one), run by
+        :func:`~peft_nola.checks.check_adapter_dir` after the header and checksum checks; nothing by default."""
+
     def _expected_file_tensors(self, model: nn.Module, config: PeftConfig, targets) -> dict[str, tuple]:
         """``{file key: (shape, allowed dtypes)}`` of everything the adapter file must hold for ``model``."""
         root = "base_model.model."

@@ -8,8 +8,8 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...basis import generator_fingerprint
-from ...checks import FLOAT_DTYPES
-from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
+from ...checks import FLOAT_DTYPES, AdapterFileError
+from ...quantization import HEADER_FORMAT_VERSION, HEADER_SUFFIX, pack_tensor, unpack_tensor
 from ..lowrank import LowRankTuner, matrix_shape, resolve_slices
 from .config import NolaConfig
 from .layer import NolaLayer, SharedBasisCombiner
@@ -68,6 +68,25 @@ class NolaModel(LowRankTuner):
             specs[name] = ((math.ceil(num_blocks * size * bits / 8),), ("U8",))
             specs[name + HEADER_SUFFIX] = ((4 + 2,), ("F64",))
         return specs
+
+    @classmethod
+    def check_file_values(cls, config: NolaConfig, entries: dict, read, weights_path) -> None:
+        # A packed coefficient's header says its bit width and shape: checked here, before the model is touched
+        # (decoding, after injection, would find the same).
+        bits = config.coefficient_bits
+        if bits is None:
+            return
+        for key in sorted(k for k in entries if k.endswith(HEADER_SUFFIX)):
+            module_key, _, param = key.removesuffix(HEADER_SUFFIX).removeprefix("base_model.model.").rpartition(".")
+            _, adapt = resolve_slices(config.output_slices, module_key)
+            size = config.num_basis_A if param == "nola_coef_A" else config.num_basis_B
+            header = read(key).tolist()
+            if header[:2] != [HEADER_FORMAT_VERSION, bits] or header[4:] != [len(adapt), size]:
+                raise AdapterFileError(
+                    f"'{key}' in {weights_path} is [version, bits, scale, offset, *shape] = {header}, but the "
+                    f"config implies version {HEADER_FORMAT_VERSION}, {bits} bits and shape {[len(adapt), size]}: the "
+                    f"file was edited or does not belong to its adapter_config.json."
+                )
 
     def _check_targets(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
         loading = config.basis_fingerprint is not None  # set when the adapter was made: a trained adapter
