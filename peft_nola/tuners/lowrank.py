@@ -535,23 +535,31 @@ def _dtype_names(dtype: torch.dtype) -> tuple[str, ...]:
 def _load_adapter_source() -> Optional[Path]:
     """The local directory ``PeftModel.load_adapter`` is loading from, if this call runs inside it (else ``None``).
 
-    peft passes the tuner's load hook a state dict but not its source, and ``load_adapter`` onto an existing adapter
-    name (what ``Trainer`` does to resume) reads no config, so no other hook of ours runs. The caller's frame is found
-    by its code object, which is exact; without it (another caller) the state-dict checks below still run."""
-    from peft import PeftModel
-
-    code = PeftModel.load_adapter.__code__
+    peft passes the tuner's load hook a state dict but not its source. The caller's frame is found by its code object,
+    which is exact; without it (another caller) the state-dict checks of the hook still run."""
+    code = _load_adapter_code()
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
-            model_id = frame.f_locals.get("model_id")
-            subfolder = (frame.f_locals.get("hf_hub_download_kwargs") or {}).get("subfolder")
-            if model_id is None:
-                return None
-            path = Path(model_id) / (subfolder or "")
-            return path if os.path.lexists(path) else None
+            return _source(frame.f_locals)
         frame = frame.f_back
     return None
+
+
+def _load_adapter_code():
+    from peft import PeftModel
+
+    return PeftModel.load_adapter.__code__
+
+
+def _source(load_adapter_locals: dict) -> Optional[Path]:
+    """The local directory of a ``load_adapter`` call (from its local variables), ``None`` for a Hub id."""
+    model_id = load_adapter_locals.get("model_id")
+    if model_id is None:
+        return None
+    subfolder = (load_adapter_locals.get("hf_hub_download_kwargs") or {}).get("subfolder")
+    path = Path(model_id) / (subfolder or "")
+    return path if os.path.lexists(path) else None
 
 
 class _AdapterConfigs(dict):
@@ -561,29 +569,14 @@ class _AdapterConfigs(dict):
 
     def __contains__(self, name) -> bool:
         present = super().__contains__(name)
-        if present and sys._getframe(1).f_code is _load_adapter_code():
-            _check_load_into_existing(sys._getframe(1).f_locals, name, self[name])
+        caller = sys._getframe(1)
+        if present and caller.f_code is _load_adapter_code():
+            source, peft_model = _source(caller.f_locals), caller.f_locals.get("self")
+            checked = getattr(self[name], "_checked", None)
+            # (PeftModel.from_pretrained's own load_adapter call: checked when its config was loaded and on injection)
+            if source is not None and peft_model is not None and (checked is None or checked.path != source):
+                self[name]._checked = check_adapter_for_model(peft_model, source, name)
         return present
-
-
-def _load_adapter_code():
-    from peft import PeftModel
-
-    return PeftModel.load_adapter.__code__
-
-
-def _check_load_into_existing(caller: dict, adapter_name: str, config: PeftConfig) -> None:
-    peft_model, model_id = caller.get("self"), caller.get("model_id")
-    subfolder = (caller.get("hf_hub_download_kwargs") or {}).get("subfolder")
-    if peft_model is None or model_id is None:
-        return
-    source = Path(model_id) / (subfolder or "")
-    if not os.path.lexists(source):
-        return  # a Hub id: the state-dict checks of the load hook apply
-    checked = getattr(config, "_checked", None)
-    if checked is not None and checked.path == source:
-        return  # PeftModel.from_pretrained: checked when its config was loaded, the model checked on injection
-    config._checked = check_adapter_for_model(peft_model, source, adapter_name)
 
 
 def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_name: str) -> CheckedAdapter:
