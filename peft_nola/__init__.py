@@ -11,8 +11,9 @@ add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
 from .quantize_adapters import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
+from .checks import AdapterFileError, check_adapter_dir  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
-from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
+from .tuners.lowrank import GPT2_QV_SLICES, check_adapter_for_model  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
 from .tuners.nora import NoraConfig, NoraLayer, NoraModel  # noqa: E402
 
@@ -32,6 +33,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "AdapterFileError",
     "GPT2_QV_SLICES",
     "NolaConfig",
     "NolaLayer",
@@ -41,6 +43,8 @@ __all__ = [
     "NoraModel",
     "basis_rows",
     "export_lora",
+    "check_adapter_dir",
+    "check_adapter_for_model",
     "generator_fingerprint",
     "lora_quantization_aware",
     "quantize_coefficients",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Optional
 
 #: ``(module, name)`` pairs imported from peft that are private (underscored) or undocumented.
 PRIVATE_NAMES = (
@@ -44,6 +45,7 @@ HOOKS = (
     ("peft.tuners.tuners_utils.BaseTunerLayer", "get_base_weight"),
     ("peft.tuners.tuners_utils.BaseTunerLayer", "set_base_weight"),
     ("peft.peft_model.PeftModel", "save_pretrained"),  # its local ``safe_serialization``: refuse_pickled_save
+    ("peft.peft_model.PeftModel", "load_adapter"),  # its locals ``model_id``, ``hf_hub_download_kwargs``, ``self``
 )
 
 
@@ -74,26 +76,39 @@ resolve_quantization_backend = private_name("peft.utils", "resolve_quantization_
 AuxiliaryTrainingWrapper = private_name("peft.utils.other", "AuxiliaryTrainingWrapper")
 
 
+def peft_call_locals(function, depth: Optional[int] = None) -> Optional[dict]:
+    """The local variables of the innermost running call of the peft ``function`` (e.g. ``PeftModel.load_adapter``)
+    on this thread's stack above the caller, or ``None``; with ``depth``, only the frame that many levels above the
+    caller is considered.
+
+    peft passes a tuner's hooks neither the ``safe_serialization`` flag of ``save_pretrained`` nor the directory
+    ``load_adapter`` reads; a plugin that must act on them (before peft writes or reads a file) can only read them
+    from the caller's frame. The frame is recognised by ``function``'s code object, which is exact.
+    """
+    code = function.__code__
+    frame = sys._getframe(2)
+    levels = 0
+    while frame is not None and (depth is None or levels <= depth):
+        if frame.f_code is code and (depth is None or levels == depth):
+            return frame.f_locals
+        frame, levels = frame.f_back, levels + 1
+    return None
+
+
 def refuse_pickled_save(method_name: str) -> None:
     """Raise ``ValueError`` when called from ``PeftModel.save_pretrained(..., safe_serialization=False)``.
 
     That call would write ``adapter_model.bin`` (a pickle), which loading refuses: this package never unpickles an
     adapter. peft builds the state dict before it writes any weights, so this check, run from the tuner's
-    state-dict hook, stops the save before a weights file exists. peft passes no flag down to the tuner; the only way
-    for a plugin to see it is the caller's frame.
+    state-dict hook, stops the save before a weights file exists (peft has written the model card README.md by then).
     """
     from peft import PeftModel
 
-    code = PeftModel.save_pretrained.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            if frame.f_locals.get("safe_serialization", True) is False:
-                raise ValueError(
-                    f"{method_name} adapters are saved as safetensors only (adapter_model.safetensors): "
-                    f"save_pretrained(safe_serialization=False) would write a pickle, adapter_model.bin, which this "
-                    f"package refuses to load. Call save_pretrained without safe_serialization=False (with the "
-                    f"Trainer: leave save_safetensors=True)."
-                )
-            return
-        frame = frame.f_back
+    caller = peft_call_locals(PeftModel.save_pretrained)
+    if caller is not None and caller.get("safe_serialization", True) is False:
+        raise ValueError(
+            f"{method_name} adapters are saved as safetensors only (adapter_model.safetensors): "
+            f"save_pretrained(safe_serialization=False) would write a pickle, adapter_model.bin, which this "
+            f"package refuses to load. Call save_pretrained without safe_serialization=False (with the "
+            f"Trainer: leave save_safetensors=True)."
+        )

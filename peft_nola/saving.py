@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
@@ -19,20 +20,54 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 def save_pretrained_atomic(model, save_directory: str | os.PathLike, **kwargs) -> None:
     """``model.save_pretrained(save_directory, **kwargs)``, such that an interruption never leaves a half-written file.
 
-    peft saves into a fresh hidden folder inside ``save_directory`` (so on the same filesystem); every file is flushed to
-    disk and then moved over its destination with ``os.replace``, which is atomic. An interruption before the moves
-    leaves the previous adapter untouched (and a ``.tmp-save-*`` folder to delete); each file is at every moment
-    either the complete old one or the complete new one. The weights are moved immediately before the config: in
+    peft saves into a fresh hidden folder inside ``save_directory`` (so on the same filesystem); every file is flushed
+    to disk and then moved over its destination with ``os.replace``, which is atomic. An interruption before the moves
+    leaves the previous adapter untouched (and a ``.tmp-save-*`` folder, deleted by the next save); each file is at
+    every moment either the complete old one or the complete new one. The weights are moved immediately before the config: in
     the microseconds between those two renames the folder holds new weights with the old config, which loading
     refuses (the config's ``weights_checksum`` no longer matches) rather than loading a mixture. Other files in
     ``save_directory`` are kept; an existing ``README.md`` model card is updated, as peft does.
+
+    Saves into one folder hold an exclusive lock on it (``flock``, POSIX) from start to end, so concurrent saves (two
+    processes, or threads) run one after the other and the folder ends with one complete adapter, the last one
+    saved; under the lock, staging folders left by killed saves are deleted (disk is not leaked past the next save).
     """
     if not kwargs.get("is_main_process", True):
         model.save_pretrained(save_directory, **kwargs)  # writes nothing on other ranks; keeps any collective calls
         return
     destination = Path(save_directory)
     destination.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=destination))
+    with _save_lock(destination) as locked:
+        if locked:
+            # Every live save into this folder holds the lock, so any staging folder seen now is a killed save's.
+            for stale in destination.glob(STAGING_PREFIX + "*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _save_staged(model, destination, kwargs)
+
+
+STAGING_PREFIX = ".tmp-save-"
+
+
+@contextmanager
+def _save_lock(destination: Path):
+    """Hold an exclusive ``flock`` on the folder itself (no lock file is left behind) for the whole save, so that
+    concurrent saves into one folder run one after the other and each leaves a complete adapter. The kernel releases
+    the lock when its holder dies, even by SIGKILL. Yields ``False`` where ``fcntl`` is missing (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield False
+        return
+    descriptor = os.open(destination, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _save_staged(model, destination: Path, kwargs: dict) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination))
     try:
         if (destination / "README.md").is_file():
             shutil.copy2(destination / "README.md", staging / "README.md")

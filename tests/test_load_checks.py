@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 from collections import Counter
 
 import pytest
@@ -9,9 +10,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_nola import NolaConfig, NolaLayer
+from peft_nola import NolaConfig, NolaLayer, NoraConfig
 
-from .conftest import tiny_llama
+from .conftest import tiny_gpt2, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -35,12 +36,12 @@ def edit_config(path, **changes):
 
 
 def edit_tensors(path, fn):
-    """Rewrite the tensors as another tool would: a valid file without peft-nola's weights_checksum in the config
-    (with the checksum, any edit is caught by it first; these tests exercise the checks below it)."""
+    """Rewrite the tensors as another tool would: a valid file without peft-nola's weights_checksum and
+    config_fingerprint in the config (with them, any edit is caught first; these tests exercise the checks below)."""
     tensors = load_file(path / WEIGHTS)
     fn(tensors)
     save_file(tensors, path / WEIGHTS)
-    edit_config(path, weights_checksum=None)
+    edit_config(path, weights_checksum=None, config_fingerprint=None)
 
 
 def test_truncated_safetensors(adapter_dir):
@@ -95,7 +96,7 @@ def test_coefficients_of_the_wrong_length(adapter_dir):
         key = next(k for k in tensors if k.endswith("nola_coef_A"))
         tensors[key] = tensors[key][:, :-1].contiguous()
     edit_tensors(adapter_dir, shorten)
-    with pytest.raises(ValueError, match=r"nola_coef_A.default' in the adapter file has shape \(1, 19\).*\(1, 20\)"):
+    with pytest.raises(ValueError, match=r"nola_coef_A' in .*adapter_model.safetensors has shape \(1, 19\).*\(1, 20\)"):
         load(adapter_dir)
 
 
@@ -104,7 +105,8 @@ def test_nan_coefficients_are_refused_naming_the_tensor(adapter_dir):
         key = sorted(tensors)[-1]
         tensors[key][0, 3] = float("inf")
     edit_tensors(adapter_dir, poison)
-    with pytest.raises(ValueError, match="layers.1.self_attn.v_proj.nola_coef_B.default' .*NaN or Inf"):
+    with pytest.raises(ValueError,
+                       match="layers.1.self_attn.v_proj.nola_coef_B' in .*adapter_model.safetensors contains NaN or Inf"):
         load(adapter_dir)
 
 
@@ -120,10 +122,9 @@ def test_peft_type_that_does_not_match_the_weights(adapter_dir):
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(adapter_dir / "lora")
     (adapter_dir / WEIGHTS).write_bytes((adapter_dir / "lora" / WEIGHTS).read_bytes())
-    with pytest.raises(ValueError, match="do not match the weights_checksum"):
-        load(adapter_dir)
-    edit_config(adapter_dir, weights_checksum=None)  # without the checksum, the missing tensors are named
-    with pytest.raises(ValueError, match="lacks 8 tensor"):  # 2 layers x (q, v) x (A, B) coefficients
+    # The foreign tensors are named from the header, before the checksum is even computed.
+    with pytest.raises(ValueError, match=r"holds the tensor '.*lora_A.weight', which is neither one of this "
+                                         r"adapter's own tensors nor .*modules_to_save"):
         load(adapter_dir)
 
 
@@ -154,7 +155,8 @@ def test_invalid_json_config(adapter_dir):
 
 DOCUMENTED = ("truncated or corrupted", "is not valid JSON", "does not hold a JSON object", "pickle file",
               "does not know", "must be", "weights_checksum", "made for a different model", "cannot be reproduced",
-              "lacks", "has no place for", "in the adapter file has shape", "NaN or Inf", "layers_pattern is set",
+              "lacks", "has no place for", "has shape", "NaN or Inf", "neither one of this adapter", "is not a tensor",
+              "is stored as", "config_fingerprint", "layers_pattern is set",
               "not found in the base model", "cannot adapt module", "not divisible by")
 
 
@@ -226,3 +228,108 @@ def test_fuzzed_adapter_directories_load_identically_or_fail_clearly(adapter_dir
         print(f"  {kind:13s} {outcome:28s} {count}")
     identical = sum(count for (_, outcome), count in outcomes.items() if outcome == "identical")
     assert 0 < identical < sum(outcomes.values())
+
+
+# ------------------------------------------------------------------------------------- the entry point, directly
+
+
+def test_check_adapter_dir_returns_the_checked_config_and_tensors(adapter_dir):
+    from peft_nola import check_adapter_dir
+
+    checked = check_adapter_dir(adapter_dir, read_tensors=True)
+    assert isinstance(checked.config, NolaConfig) and checked.config.num_basis_A == 20
+    assert checked.tensors.keys() == load_file(adapter_dir / WEIGHTS).keys() == checked.entries.keys()
+    assert checked.digest == checked.config.weights_checksum  # every tensor and the pinned fields, as saved
+    edit_config(adapter_dir, basis_mode="per_layer")
+    with pytest.raises(ValueError, match="the field 'basis_mode' is 'per_layer', not the value the adapter was"):
+        check_adapter_dir(adapter_dir)
+
+
+def test_check_adapter_for_model_compares_with_the_existing_adapter(adapter_dir, tmp_path):
+    from peft_nola import check_adapter_for_model
+
+    model = load(adapter_dir)
+    assert check_adapter_for_model(model, adapter_dir, "default").config.r == 4
+    other = tmp_path / "other"
+    get_peft_model(tiny_llama(), NolaConfig(r=4, num_basis_A=20, num_basis_B=10, basis_seed=3,
+                                            target_modules=["q_proj", "v_proj"])).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"has basis_seed=3, but the adapter it is being loaded into has basis_seed=0"):
+        check_adapter_for_model(model, other, "default")
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+                                     r".*(attn|mlp)\..*_proj", "c_attn"])
+def test_usual_target_regexes_are_accepted(pattern):
+    NolaConfig(target_modules=pattern)
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("(a+)+b", "nested quantifiers"), (r"(\.\d+)*x", "nested quantifiers"), ("(a|ab)*c", "a quantified alternation"),
+    (r"(\w+)\1", "a backreference"), (".*a.*b.*c.*d", "4 unbounded repetitions"), ("x" * 600, "600 characters"),
+])
+def test_target_regexes_that_can_take_exponential_time_are_refused(pattern, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        NolaConfig(target_modules=pattern)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        NolaConfig(target_modules=["q_proj"], exclude_modules=pattern)
+
+
+def test_auto_peft_model_runs_the_same_checks(adapter_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    edit_config(adapter_dir, base_model_name_or_path=str(tmp_path / "base"))  # editable: not a pinned field
+    ids = torch.randint(1, 90, (2, 6))
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+        assert torch.equal(auto(ids).logits, load(adapter_dir)(ids).logits)
+    data = bytearray((adapter_dir / WEIGHTS).read_bytes())
+    data[-3] ^= 0x01
+    (adapter_dir / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+        AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
+
+
+def _seq_cls_llama():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, num_labels=3, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("make_base, config", [
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj", "v_proj"], bias="all")),
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj"], bias="nola_only")),
+    (_seq_cls_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=["q_proj"], task_type="SEQ_CLS")),
+    (tiny_gpt2, NoraConfig(r=4, inner_r=2, target_modules=["c_attn"], store_outer_factors=True,
+                           output_slices={"c_attn": {"splits": 3, "adapt": [0, 2]}}, modules_to_save=["lm_head"])),
+    (tiny_llama, NolaConfig(r=4, num_basis_A=20, num_basis_B=10, target_modules=r".*\.(q_proj|v_proj)",
+                            layers_to_transform=[1], layers_pattern="layers")),
+], ids=["bias-all", "bias-nola-only", "seq-cls-heads", "nora-slices-stored-factors", "regex-layers"])
+def test_legitimate_adapters_pass_every_check_and_load_identically(tmp_path, make_base, config):
+    """No false refusals: adapters with biases, automatic classification heads in modules_to_save, stored NoRA
+    factors on sliced outputs, regex targets, through from_pretrained and load_adapter onto the existing name."""
+    torch.manual_seed(0)
+    model = get_peft_model(make_base(), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)  # trained values, heads and biases included
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(1, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        loaded = PeftModel.from_pretrained(make_base(), tmp_path).eval()
+        assert torch.equal(loaded(ids).logits, expected)
+        resumed = get_peft_model(make_base(), type(config)(**_fresh(config)))
+        resumed.load_adapter(tmp_path, "default")
+        assert torch.equal(resumed.eval()(ids).logits, expected)
+
+
+def _fresh(config) -> dict:
+    """The fields a user passes to create this config again (no fingerprints, no derived values)."""
+    derived = {"peft_type", "layout_fingerprint", "basis_fingerprint", "weight_fingerprint", "weights_checksum",
+               "config_fingerprint", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"}
+    return {k: v for k, v in config.to_dict().items() if k not in derived}

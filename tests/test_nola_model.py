@@ -372,15 +372,22 @@ def test_basis_over_the_memory_budget_is_refused_before_injection(monkeypatch, t
     k = l = 1000
     per_layer_bytes = 4 * 4 * (k * 8 * 32 + l * 32 * 8)  # 4 blocks, float32: 8,192,000
     shared_bytes = 4 * (k * 8 * 32 + l * 32 * 8)  # one A and one B basis: 2,048,000
-    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes - 1))
+    # Every mode also holds the coefficients (4 blocks x (k + l)) and forms one layer's factors (2 blocks of c_attn,
+    # A 8x32 and B 32x8 each) in the forward.
+    working_bytes = 4 * (4 * (k + l) + 2 * (8 * 32 + 32 * 8))
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes + working_bytes - 1))
     base = tiny_gpt2()
     config = gpt2_qv_config(r=8, num_basis_A=k, num_basis_B=l, basis_mode="per_layer_cached")
-    with pytest.raises(MemoryError, match=r"would keep 8,192,000 bytes \(7.8 MiB\) of basis in memory for 2 "
-                                          r"adapted modules .* more than the 8,191,999 bytes .* "
+    with pytest.raises(MemoryError, match=r"would need 8,228,096 bytes \(7.8 MiB\) of basis, coefficients and "
+                                          r"factors for 2 adapted modules .* more than the 8,228,095 bytes .* "
                                           r"\(one basis per layer shape: 2,048,000 bytes \(2.0 MiB\) here\)"):
         get_peft_model(base, config)
     assert not nola_layers(base)
-    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes))
+    # The on-the-fly basis stores none, but its coefficients are checked too (k = 10**12 would be 4 TB of them).
+    with pytest.raises(MemoryError, match=r"basis_mode='per_layer' would need 16,000,000,020,096 bytes"):
+        get_peft_model(base, gpt2_qv_config(r=8, num_basis_A=10**12, num_basis_B=l, basis_mode="per_layer"))
+    assert not nola_layers(base)
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(per_layer_bytes + working_bytes))
     for mode, expected in [("per_layer_cached", per_layer_bytes), ("shared", shared_bytes)]:
         model = get_peft_model(tiny_gpt2(), gpt2_qv_config(r=8, num_basis_A=k, num_basis_B=l, basis_mode=mode))
         model(token_ids)

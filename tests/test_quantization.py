@@ -262,21 +262,29 @@ def test_corrupt_or_mismatched_packed_files_are_clear_errors(tmp_path):
     key = "base_model.model.transformer.h.0.attn.c_attn.nola_coef_A"
     truncated = {**stored, key: stored[key][:-1]}
     save_file(truncated, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="do not match the weights_checksum"):
+    # The payload's length is known from the config (40 bytes for 2 x 40 coefficients at 4 bits): refused from the
+    # file's header, before anything is read, with or without a recorded checksum.
+    with pytest.raises(ValueError, match=r"nola_coef_A' in .* has shape \(39,\), but its adapter_config.json implies "
+                                         r"\(40,\)"):
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
-    # Without a recorded checksum (a file written by hand or by an older version) the packed header still catches it.
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "weights_checksum": None}))
-    with pytest.raises(ValueError, match=r"does not match its header.*takes 40 bytes.*shape \(39,\)"):
+    with pytest.raises(ValueError, match=r"has shape \(39,\), but its adapter_config.json implies \(40,\)"):
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
     save_file(stored, path, metadata={"format": "pt"})
     config_path.write_text(json.dumps({**config, "coefficient_bits": 3}))
-    with pytest.raises(ValueError, match="stored at 4 bits but the adapter config says coefficient_bits=3"):
+    with pytest.raises(ValueError, match="the field 'coefficient_bits' is 3, not the value the adapter was trained"):
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    # An adapter without fingerprints (written by hand or by an older version): the packed header still catches it.
+    del config["config_fingerprint"]
+    config["weights_checksum"] = None
+    config_path.write_text(json.dumps({**config, "coefficient_bits": 3}))
+    with pytest.raises(ValueError, match=r"implies \(30,\)"):  # 2 x 40 coefficients at 3 bits
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
     del config["coefficient_bits"]
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="has no coefficient_bits"):
+    with pytest.raises(ValueError, match=r"nola_coef_A_qheader' in .* is not a tensor NOLA adapters have"):
         PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
 
 

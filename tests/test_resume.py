@@ -180,6 +180,53 @@ def test_resume_true_skips_a_checkpoint_torn_by_a_kill(reference, tmp_path):
     assert_bit_identical(coefficients(reference / "adapter"), coefficients(tmp_path / "adapter"))
 
 
+def _flip_last_coefficient_byte(checkpoint: Path) -> None:
+    path = checkpoint / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # the last coefficient changes by a few ulps: still a valid file, but another model
+    path.write_bytes(bytes(data))
+
+
+def _scale_coefficients_tenfold(checkpoint: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v * 10 for k, v in coefficients(checkpoint).items()}, checkpoint / "adapter_model.safetensors")
+
+
+def _truncate(checkpoint: Path) -> None:
+    path = checkpoint / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _pickle_instead(checkpoint: Path) -> None:
+    tensors = coefficients(checkpoint)
+    (checkpoint / "adapter_model.safetensors").unlink()
+    torch.save(tensors, checkpoint / "adapter_model.bin")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_flip_last_coefficient_byte, "do not match the weights_checksum"),
+    pytest.param(_scale_coefficients_tenfold, "do not match the weights_checksum", marks=pytest.mark.slow),
+    pytest.param(_truncate, "truncated or corrupted", marks=pytest.mark.slow),
+    (_pickle_instead, "is a pickle file"),
+])
+def test_resume_from_a_corrupted_checkpoint_is_refused_before_training(reference, tmp_path, corrupt, message):
+    """Trainer resumes with load_adapter onto the existing adapter name, for which peft reads no adapter config: the
+    checkpoint's directory is still checked in full, before any weight is written or a step runs."""
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(reference / "checkpoint-3", checkpoint)
+    corrupt(checkpoint)
+    from recipes import nlg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nlg, "score", lambda *args, **kwargs: {})
+        recorder = Recorder(mp)
+        with pytest.raises(ValueError, match=message):
+            nlg.main(recipe_args(tmp_path / "run", 6, "--resume_from_checkpoint", str(checkpoint)))
+    assert recorder.steps == 0
+    assert all(name != "adapter_model.bin" for name, _ in recorder.loads), "the pickle file was opened"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Slow: real processes, one of them killed with SIGKILL after its first checkpoint.
 # ---------------------------------------------------------------------------------------------------------------

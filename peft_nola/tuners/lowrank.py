@@ -18,12 +18,14 @@ can be adapted on a subset ``adapt`` of them; each adapted block ``s`` has its o
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +44,23 @@ from .._peft_compat import (
     _get_tuner_state_dict_key_prefixes,
     _maybe_include_all_linear_layers,
     check_adapters_to_merge,
+    peft_call_locals,
     refuse_pickled_save,
     resolve_quantization_backend,
 )
 from ..basis import layout_fingerprint
-from ..checks import check_adapter_dir, check_loaded_tensors, tensors_checksum
+from ..checks import (
+    FLOAT_DTYPES,
+    AdapterFileError,
+    CheckedAdapter,
+    check_adapter_dir,
+    check_declared_tensors,
+    check_loaded_tensors,
+    check_regex,
+    field_fingerprints,
+    file_checksum,
+    tensors_checksum,
+)
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
@@ -63,6 +77,13 @@ def require_int(name: str, value: Any, minimum: int) -> None:
 def require_probability(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def require_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the config field unless ``value`` is a finite number (a NaN or infinite scale would
+    turn every adapted layer's output into NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _names(value: Any, item_type: type = str) -> bool:
@@ -82,7 +103,15 @@ _FIELD_TYPES = {
     "init_weights": (lambda v: isinstance(v, bool), "true or false"),
     "layout_fingerprint": (lambda v: v is None or isinstance(v, str), "a string"),
     "weights_checksum": (lambda v: v is None or isinstance(v, str), "a string"),
+    "config_fingerprint": (
+        lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())),
+        "a mapping of field names to strings",
+    ),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a task type name or null"),
 }
+
+# peft interpolates layers_pattern into its own regex: a plain name keeps that regex linear.
+_LAYERS_PATTERN = r"[A-Za-z0-9_.]+"
 
 
 @dataclass
@@ -139,7 +168,23 @@ class LowRankConfig(PeftConfig):
         default=None, metadata={"help": "Set on creation: hash of the adapted layers' names, shapes and slices."}
     )
     weights_checksum: Optional[str] = field(
-        default=None, metadata={"help": "Set on save: hash of the adapter's tensors as written; checked on load."}
+        default=None,
+        metadata={"help": "Set on save: hash of every tensor of the adapter file as written and of the pinned fields; "
+                  "checked on load."},
+    )
+    config_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Set on save: a short hash per pinned field (those that determine what the adapter "
+                  "computes); a field edited after training is an error naming it."},
+    )
+
+    #: Fields that determine what a trained adapter computes and that a user does not change after training: covered
+    #: by ``config_fingerprint`` and ``weights_checksum``. The scale (``nola_alpha``/``nora_alpha``) and the dropout
+    #: are left out on purpose: a scale is the knob users turn to weaken or strengthen a trained adapter (as with
+    #: LoRA's alpha), dropout acts only in training. Methods add their own (see :meth:`pinned_fields`).
+    PINNED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "peft_type", "task_type", "target_modules", "exclude_modules", "output_slices", "modules_to_save",
+        "layers_to_transform", "layers_pattern", "bias",
     )
 
     def __post_init__(self):
@@ -157,15 +202,64 @@ class LowRankConfig(PeftConfig):
             raise ValueError(f"bias must be one of {allowed_bias}, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern is set but layers_to_transform is not: set both or neither")
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                check_regex(name, getattr(self, name))
+        import re
+
+        patterns = self.layers_pattern if isinstance(self.layers_pattern, (list, tuple, set)) else [self.layers_pattern]
+        for pattern in patterns:
+            if pattern is not None and not re.fullmatch(_LAYERS_PATTERN, pattern):
+                raise ValueError(f"layers_pattern must be a module name such as 'layers' or 'h' (letters, digits, "
+                                 f"'_', '.'), got {pattern!r}")
+
+    def pinned_fields(self) -> dict:
+        """``{field: value}`` of :attr:`PINNED_FIELDS` in a canonical JSON form (sets as sorted lists)."""
+
+        def canonical(value):
+            if isinstance(value, (set, frozenset, list, tuple)):
+                items = [canonical(v) for v in value]
+                return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+            if isinstance(value, dict):
+                return {str(k): canonical(v) for k, v in value.items()}
+            return value.value if isinstance(value, PeftType) else value
+
+        pinned = {name: canonical(getattr(self, name)) for name in self.PINNED_FIELDS}
+        for name in ("target_modules", "modules_to_save"):
+            # Sets of names to peft (PeftModelForSequenceClassification appends its heads to modules_to_save again
+            # on every load).
+            if isinstance(pinned[name], list):
+                pinned[name] = sorted(set(pinned[name]))
+        return pinned
+
+    def prefix_for_checksum(self) -> str:
+        """The method's tensor prefix (``"nola_"``), which the first checksum version covered."""
+        from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+        return PEFT_TYPE_TO_PREFIX_MAPPING[self.peft_type]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        # Called by PeftModel.from_pretrained before anything else: the adapter's files are checked here, before a
-        # model is touched.
+        # Called by PeftModel.from_pretrained and load_adapter (new name) before a model is touched: every file of
+        # the adapter is checked here, and the config returned is the one built from the bytes checked (peft's own
+        # from_pretrained would read the file a second time). The model-dependent checks follow in inject_adapter,
+        # still before the first module is replaced.
         path = Path(pretrained_model_name_or_path) / (subfolder or "")
-        if path.is_dir():
-            check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not path.exists() and not path.is_symlink():  # a Hub id: peft downloads it (checked in the load hook)
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        _, class_kwargs, _ = cls._split_kwargs(kwargs)
+        checked = check_adapter_dir(path, cls, class_kwargs=class_kwargs)
+        config = checked.config
+        config._checked = checked
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        # PeftModel.save_pretrained writes the weights, then this config: record the checksum of the file just
+        # written (every tensor in it), if it is the one this save produced.
+        pending = self.__dict__.pop("_pending_own_digest", None)
+        if pending is not None:
+            self.weights_checksum = file_checksum(Path(save_directory) / "adapter_model.safetensors", self, pending)
+        super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -441,6 +535,79 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         return f"{self.method_name}." + super().__repr__()
 
 
+def _dtype_names(dtype: torch.dtype) -> tuple[str, ...]:
+    """safetensors dtype names a tensor stored for a parameter of ``dtype`` may have: any float for a float one."""
+    from ..checks import _DTYPES
+
+    if dtype.is_floating_point:
+        return FLOAT_DTYPES
+    return tuple(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def _load_adapter_source() -> Optional[Path]:
+    """The local directory ``PeftModel.load_adapter`` is loading from, if this call runs inside it (else ``None``).
+    Without it (another caller) the state-dict checks of the load hook still run."""
+    from peft import PeftModel
+
+    caller = peft_call_locals(PeftModel.load_adapter)
+    return None if caller is None else _source(caller)
+
+
+def _source(load_adapter_locals: dict) -> Optional[Path]:
+    """The local directory of a ``load_adapter`` call (from its local variables), ``None`` for a Hub id."""
+    model_id = load_adapter_locals.get("model_id")
+    if model_id is None:
+        return None
+    subfolder = (load_adapter_locals.get("hf_hub_download_kwargs") or {}).get("subfolder")
+    path = Path(model_id) / (subfolder or "")
+    return path if os.path.lexists(path) else None
+
+
+class _AdapterConfigs(dict):
+    """A tuner's ``{adapter name: config}``. ``name in configs``, asked by ``PeftModel.load_adapter`` for a name that
+    exists, checks the directory being loaded against that adapter (every file, the pinned fields, each declared
+    tensor against the model) before peft reads any of it."""
+
+    def __contains__(self, name) -> bool:
+        from peft import PeftModel
+
+        present = super().__contains__(name)
+        caller = peft_call_locals(PeftModel.load_adapter, depth=0) if present else None  # asked by load_adapter
+        if caller is not None:
+            source, peft_model = _source(caller), caller.get("self")
+            checked = getattr(self[name], "_checked", None)
+            # (PeftModel.from_pretrained's own load_adapter call: checked when its config was loaded and on injection)
+            if source is not None and peft_model is not None and (checked is None or checked.path != source):
+                self[name]._checked = check_adapter_for_model(peft_model, source, name)
+        return present
+
+
+def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_name: str) -> CheckedAdapter:
+    """Check the adapter directory ``path`` for loading into the existing adapter ``adapter_name`` of ``peft_model``
+    (a ``PeftModel`` with a NOLA/NoRA adapter of that name), before anything is read into the model.
+
+    Runs :func:`peft_nola.checks.check_adapter_dir` (every file), then requires the file's pinned fields and
+    fingerprints to equal the adapter's, and every tensor the file declares to be one a save of this adapter would
+    write, with its shape and an allowed dtype. Returns the :class:`~peft_nola.checks.CheckedAdapter`; raises
+    :class:`~peft_nola.checks.AdapterFileError` naming the file and the field or tensor. Used by ``load_adapter``
+    onto an existing name (Trainer's resume) and meant for anything else that replaces an adapter's weights.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    config = peft_model.peft_config[adapter_name]
+    path = Path(path)
+    checked = type(peft_model.base_model)._check_existing_adapter(config, path)
+    # What a save of this adapter would write (file keys), with the in-memory config left as it was.
+    saved = {name: getattr(config, name) for name in ("weights_checksum", "config_fingerprint")}
+    current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    for name, value in saved.items():
+        setattr(config, name, value)
+    config.__dict__.pop("_pending_own_digest", None)
+    expected = {key: (tuple(t.shape), _dtype_names(t.dtype)) for key, t in current.items()}
+    check_declared_tensors(checked.entries, expected, path / "adapter_model.safetensors")
+    return checked
+
+
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -455,13 +622,109 @@ class LowRankTuner(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     method_name = "low-rank"
 
+    # peft's load_adapter onto an existing adapter name (Trainer's resume) reads the weights file before any hook of
+    # ours runs; its first step that reaches this tuner is "adapter_name not in self.peft_config". The configs are
+    # therefore held in a dict that, asked that by load_adapter itself, checks the directory first (see
+    # _AdapterConfigs), so that a FIFO, a truncated file, a pickle or a junk tensor is refused before peft opens it.
+    @property
+    def peft_config(self) -> dict:
+        try:
+            return self.__dict__["_adapter_configs"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    @peft_config.setter
+    def peft_config(self, value: dict) -> None:
+        self.__dict__["_adapter_configs"] = _AdapterConfigs(value)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # Everything that can be checked is checked before the first module is replaced, so that a bad config or
         # an adapter made for another model leaves the user's model untouched.
         peft_config = self.peft_config[adapter_name]
         if kwargs.get("state_dict") is None:
-            self._check_targets(peft_config, self._targeted_modules(model, peft_config))
+            targets = self._targeted_modules(model, peft_config)
+            self._check_targets(peft_config, targets)
+            checked = getattr(peft_config, "_checked", None)
+            if checked is not None:  # loading: the file's tensors against this model, before it is changed
+                expected = self._expected_file_tensors(model, peft_config, targets)
+                check_declared_tensors(checked.entries, expected, checked.path / "adapter_model.safetensors")
         super().inject_adapter(model, adapter_name, **kwargs)
+
+    # ----------------------------------------------------------------------------------- what a file may hold
+    @classmethod
+    def _file_tensor_specs(cls, config: PeftConfig, num_blocks: int, block_rows, cols) -> dict[str, tuple]:
+        """``{parameter name: (shape, allowed safetensors dtypes)}`` that the adapter file holds for one adapted module
+        with ``num_blocks`` adapted blocks of shape ``(block_rows, cols)``; ``None`` for a size not known without the
+        model (``block_rows``/``cols`` are ``None`` then)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_file_entries(cls, config: PeftConfig, entries: dict, weights_path: Path) -> None:
+        """Refuse, from the header alone, any tensor that is neither one of this adapter's own (with the shape and
+        dtype the config implies, as far as known without the model) nor a parameter of a ``modules_to_save`` module
+        (or a bias, when ``bias`` says biases train); run by :func:`peft_nola.checks.check_adapter_dir`."""
+        root = "base_model.model."
+        names = list(config.modules_to_save or [])
+        for key, entry in entries.items():
+            module_key, _, param = key.removeprefix(root).rpartition(".")
+            if key.startswith(root) and param.startswith(cls.prefix) and module_key:
+                splits, adapt = resolve_slices(config.output_slices, module_key)
+                specs = cls._file_tensor_specs(config, len(adapt), None, None)
+                if param not in specs:
+                    raise AdapterFileError(f"'{key}' in {weights_path} is not a tensor {cls.method_name} adapters have "
+                                           f"(they have {sorted(specs)}); the file was edited or is not this adapter's")
+                shape, dtypes = specs[param]
+                if len(entry.shape) != len(shape) or any(
+                    want is not None and got != want for got, want in zip(entry.shape, shape)
+                ):
+                    raise AdapterFileError(
+                        f"'{key}' in {weights_path} has shape {entry.shape}, but its adapter_config.json implies "
+                        f"{tuple('?' if d is None else d for d in shape)}: the file does not belong to its config."
+                    )
+                if entry.dtype not in dtypes:
+                    raise AdapterFileError(
+                        f"'{key}' in {weights_path} is stored as {entry.dtype}; {cls.method_name} stores it as one of "
+                        f"{list(dtypes)}. Save the adapter again with peft-nola."
+                    )
+                continue
+            if key.startswith(root) and any(module_key.endswith(name) for name in names):
+                continue
+            if key.startswith(root) and config.bias != "none" and param == "bias":
+                continue
+            raise AdapterFileError(
+                f"{weights_path} holds the tensor '{key}', which is neither one of this adapter's own tensors nor a "
+                f"parameter of a module in modules_to_save ({names}): loading it would overwrite the base model. "
+                f"Refusing to load; the file was edited or does not belong to its adapter_config.json."
+            )
+
+    @classmethod
+    def check_file_values(cls, config: PeftConfig, entries: dict, read, weights_path: Path) -> None:
+        """Method-specific checks of the values of small tensors (``read(key)`` returns one), run by
+        :func:`~peft_nola.checks.check_adapter_dir` after the header and checksum checks; nothing by default."""
+
+    def _expected_file_tensors(self, model: nn.Module, config: PeftConfig, targets) -> dict[str, tuple]:
+        """``{file key: (shape, allowed dtypes)}`` of everything the adapter file must hold for ``model``."""
+        root = "base_model.model."
+        expected = {}
+        for key, base_layer in targets:
+            rows, cols = matrix_shape(base_layer)
+            splits, adapt = resolve_slices(config.output_slices, key)
+            for param, spec in self._file_tensor_specs(config, len(adapt), rows // splits, cols).items():
+                expected[f"{root}{key}.{param}"] = spec
+        names = list(config.modules_to_save or [])
+        target_keys = {key for key, _ in targets}
+        for name, module in model.named_modules():
+            if names and any(name.endswith(n) for n in names) and not isinstance(module, BaseTunerLayer):
+                # Already wrapped by another adapter's modules_to_save: the file holds the original module's keys.
+                module = getattr(module, "original_module", module) if isinstance(
+                    module, AuxiliaryTrainingWrapper) else module
+                for param, tensor in module.state_dict().items():
+                    expected[f"{root}{name}.{param}"] = (tuple(tensor.shape), _dtype_names(tensor.dtype))
+            if config.bias == "all" or (config.bias != "none" and name in target_keys):
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor) and not isinstance(module, BaseTunerLayer):
+                    expected[f"{root}{name}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
+        return expected
 
     def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
         """Validate the matched ``(key, base layer)`` pairs before injection, and fill in or verify the layout
@@ -543,24 +806,63 @@ class LowRankTuner(BaseTuner):
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
-        config.weights_checksum = tensors_checksum(as_written, cls.prefix)
+        # peft adds the modules_to_save tensors (and may add others) after this hook, so the checksum of every tensor
+        # is taken from the file itself when the config is written next to it (LowRankConfig.save_pretrained); what
+        # this hook saw identifies that file as this save's.
+        config.config_fingerprint = field_fingerprints(config.pinned_fields())
+        config.weights_checksum = None
+        config._pending_own_digest = tensors_checksum(as_written, cls.prefix)
         return tensors
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        if config.weights_checksum is not None and tensors_checksum(state_dict, cls.prefix) != config.weights_checksum:
-            raise ValueError(
-                f"The adapter file's {cls.method_name} tensors do not match the weights_checksum recorded in its "
-                f"adapter_config.json ({config.weights_checksum!r}): the file was altered or corrupted, or belongs to "
-                f"another adapter. Save the adapter again."
-            )
+        # Runs inside peft's set_peft_model_state_dict before any weight is written. A new adapter's files were
+        # checked when its config was loaded; load_adapter onto an existing name (Trainer's resume) reads no config,
+        # so its directory is checked here, against the adapter already in the model.
+        checked = getattr(config, "_checked", None)
+        source = _load_adapter_source()
+        if source is not None and (checked is None or checked.path != source):
+            checked = cls._check_existing_adapter(config, source)
+        own = {key: value for key, value in state_dict.items() if f".{cls.prefix}" in key}
+        if checked is not None:
+            # peft read the file again after the check: it must have read the bytes that were checked.
+            if tensors_checksum(own, cls.prefix) != checked.own_digest:
+                raise ValueError(f"{checked.path} changed while it was being loaded; load it again")
+        elif config.weights_checksum is not None and not config.weights_checksum.startswith("v2-"):
+            if tensors_checksum(own, cls.prefix) != config.weights_checksum:
+                raise ValueError(
+                    f"The adapter file's {cls.method_name} tensors do not match the weights_checksum recorded in its "
+                    f"adapter_config.json ({config.weights_checksum!r}): the file was altered or corrupted, or "
+                    f"belongs to another adapter. Save the adapter again."
+                )
         remapped = super()._remap_adapter_state_dict_for_load(
             model, config, adapter_name, cls._decode_from_file(config, state_dict)
         )
         prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         check_loaded_tensors(expected, remapped, cls.prefix)
+        config.__dict__.pop("_checked", None)  # a later load_adapter onto this name checks its own directory
         return remapped
+
+    @classmethod
+    def _check_existing_adapter(cls, config: PeftConfig, source: Path) -> CheckedAdapter:
+        """Check the directory ``load_adapter`` reads into the existing adapter whose config is ``config``: all of
+        :func:`~peft_nola.checks.check_adapter_dir`, and the file's pinned fields and fingerprints equal the adapter's
+        (a checkpoint of another configuration would load into this one's layers as a different model)."""
+        checked = check_adapter_dir(source, type(config))
+        saved, ours = checked.config.pinned_fields(), config.pinned_fields()
+        for name in ("layout_fingerprint", "basis_fingerprint"):
+            if getattr(config, name, None) is not None and getattr(checked.config, name, None) is not None:
+                saved[name], ours[name] = getattr(checked.config, name), getattr(config, name)
+        for name in saved:
+            if saved[name] != ours[name]:
+                raise AdapterFileError(
+                    f"{source / 'adapter_config.json'} has {name}={saved[name]!r}, but the adapter it is being loaded "
+                    f"into has {name}={ours[name]!r}: the checkpoint belongs to another adapter configuration. Resume "
+                    f"with the configuration it was saved with, or load it as a new adapter "
+                    f"(PeftModel.from_pretrained)."
+                )
+        return checked
 
     @classmethod
     def _encode_for_file(cls, config: PeftConfig, adapter_name: str, tensors: dict) -> dict:

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from peft.utils import PeftType
 
 from ...quantization import DEFAULT_SCHEME, validate_bits, validate_scheme
-from ..lowrank import LowRankConfig, require_int, require_probability
+from ..lowrank import LowRankConfig, require_finite, require_int, require_probability
 
 BASIS_MODES = ("shared", "per_layer", "per_layer_cached")
 
@@ -87,6 +87,21 @@ class NolaConfig(LowRankConfig):
         default=None, metadata={"help": "Set on creation: hash of the generator's output for basis_seed."}
     )
 
+    PINNED_FIELDS: ClassVar[tuple[str, ...]] = LowRankConfig.PINNED_FIELDS + (
+        "r", "num_basis_A", "num_basis_B", "basis_seed", "basis_mode", "coefficient_bits", "quantization_aware",
+        "quantization_scheme",
+    )
+
+    def pinned_fields(self) -> dict:
+        pinned = super().pinned_fields()
+        # 'per_layer' and 'per_layer_cached' hold the same basis (generated on the fly or kept); 'shared' is another
+        # basis, so a trained adapter can move between the first two only.
+        pinned["basis_mode"] = "shared" if self.basis_mode == "shared" else "per_layer"
+        if self.coefficient_bits is None:
+            for name in ("coefficient_bits", "quantization_aware", "quantization_scheme"):
+                pinned.pop(name)  # left out of adapter_config.json (see to_dict)
+        return pinned
+
     def __post_init__(self):
         self.peft_type = PeftType.NOLA
         super().__post_init__()
@@ -95,8 +110,7 @@ class NolaConfig(LowRankConfig):
         require_int("num_basis_B", self.num_basis_B, 1)
         require_int("basis_seed", self.basis_seed, 0)
         require_probability("nola_dropout", self.nola_dropout)
-        if isinstance(self.nola_alpha, bool) or not isinstance(self.nola_alpha, (int, float)):
-            raise ValueError(f"nola_alpha must be a number, got {self.nola_alpha!r}")
+        require_finite("nola_alpha", self.nola_alpha)
         if self.basis_mode not in BASIS_MODES:
             raise ValueError(f"basis_mode must be one of {BASIS_MODES}, got {self.basis_mode!r}")
         if self.coefficient_bits is not None:

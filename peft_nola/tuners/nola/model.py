@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 from ..._peft_compat import BufferDict
 
 from ...basis import generator_fingerprint
-from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
+from ...checks import FLOAT_DTYPES, AdapterFileError
+from ...quantization import HEADER_FORMAT_VERSION, HEADER_SUFFIX, pack_tensor, unpack_tensor
 from ..lowrank import LowRankTuner, matrix_shape, resolve_slices
 from .config import NolaConfig
 from .layer import NolaLayer, SharedBasisCombiner
@@ -67,7 +69,39 @@ class NolaModel(LowRankTuner):
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
         return {"combiner": self.nola_combiner}
 
+    @classmethod
+    def _file_tensor_specs(cls, config: NolaConfig, num_blocks: int, block_rows, cols) -> dict[str, tuple]:
+        sizes = {"nola_coef_A": config.num_basis_A, "nola_coef_B": config.num_basis_B}
+        bits = config.coefficient_bits
+        if bits is None:
+            return {name: ((num_blocks, size), FLOAT_DTYPES) for name, size in sizes.items()}
+        specs = {}
+        for name, size in sizes.items():  # see quantization.pack_tensor: LSB-first codes, float64 header
+            specs[name] = ((math.ceil(num_blocks * size * bits / 8),), ("U8",))
+            specs[name + HEADER_SUFFIX] = ((4 + 2,), ("F64",))
+        return specs
+
+    @classmethod
+    def check_file_values(cls, config: NolaConfig, entries: dict, read, weights_path) -> None:
+        # A packed coefficient's header says its bit width and shape: checked here, before the model is touched
+        # (decoding, after injection, would find the same).
+        bits = config.coefficient_bits
+        if bits is None:
+            return
+        for key in sorted(k for k in entries if k.endswith(HEADER_SUFFIX)):
+            module_key, _, param = key.removesuffix(HEADER_SUFFIX).removeprefix("base_model.model.").rpartition(".")
+            _, adapt = resolve_slices(config.output_slices, module_key)
+            size = config.num_basis_A if param == "nola_coef_A" else config.num_basis_B
+            header = read(key).tolist()
+            if header[:2] != [HEADER_FORMAT_VERSION, bits] or header[4:] != [len(adapt), size]:
+                raise AdapterFileError(
+                    f"'{key}' in {weights_path} is [version, bits, scale, offset, *shape] = {header}, but the "
+                    f"config implies version {HEADER_FORMAT_VERSION}, {bits} bits and shape {[len(adapt), size]}: the "
+                    f"file was edited or does not belong to its adapter_config.json."
+                )
+
     def _check_targets(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
+        loading = config.basis_fingerprint is not None  # set when the adapter was made: a trained adapter
         super()._check_targets(config, targets)
         fingerprint = generator_fingerprint(config.basis_seed)
         if config.basis_fingerprint is not None and config.basis_fingerprint != fingerprint:
@@ -78,22 +112,36 @@ class NolaModel(LowRankTuner):
                 f"basis generator; load it with that version."
             )
         config.basis_fingerprint = fingerprint
-        self._check_basis_memory(config, targets)
+        self._check_basis_memory(config, targets, loading)
 
-    def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
-        """Refuse, before any module is replaced, a config whose stored basis would not fit in memory."""
-        needed = basis_bytes(config, targets, config.basis_mode)
-        if needed == 0:
-            return  # the on-the-fly basis, or nothing targeted
+    def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]], loading=False) -> None:
+        """Refuse, before any module is replaced, a config whose basis, coefficients and per-layer factors would not
+        fit in memory (in every basis mode: the on-the-fly basis stores nothing, but its coefficients and the
+        factors it forms in each forward still need room)."""
+        if not targets:
+            return
+        needed = basis_bytes(config, targets, config.basis_mode) + working_bytes(config, targets)
         budget, where = basis_memory_budget(targets[0][1].weight.device)
         if budget is None or needed <= budget:
             return
+        if loading:
+            # A trained adapter's basis is fixed: 'shared' and the per-layer modes are different bases.
+            advice = (
+                "This adapter was trained with basis_mode='shared'; another mode would be another basis (another "
+                "model), so free memory or load it on a larger device"
+                if config.basis_mode == "shared" else
+                "Use basis_mode='per_layer' (the same basis, regenerated on the fly instead of kept)"
+                if config.basis_mode == "per_layer_cached" else "Free memory or load it on a larger device"
+            )
+        else:
+            advice = (
+                f"Use basis_mode='shared' (one basis per layer shape: {_gib(basis_bytes(config, targets, 'shared'))} "
+                f"here) or 'per_layer' (regenerated on the fly, no basis memory), or lower num_basis_A / num_basis_B"
+            )
         raise MemoryError(
-            f"NOLA basis_mode={config.basis_mode!r} would keep {_gib(needed)} of basis in memory for "
+            f"NOLA basis_mode={config.basis_mode!r} would need {_gib(needed)} of basis, coefficients and factors for "
             f"{len(targets)} adapted modules (k={config.num_basis_A}, l={config.num_basis_B}, r={config.r}), more than "
-            f"the {_gib(budget)} budget ({where}). Use basis_mode='shared' (one basis per layer shape: "
-            f"{_gib(basis_bytes(config, targets, 'shared'))} here) or 'per_layer' (regenerated on the fly, no basis "
-            f"memory), lower num_basis_A / num_basis_B, or raise the budget with the environment variable "
+            f"the {_gib(budget)} budget ({where}). {advice}; or raise the budget with the environment variable "
             f"{BUDGET_ENV}=<bytes>."
         )
 
@@ -152,6 +200,19 @@ def basis_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]], mode: 
             total += len(adapt) * (k * r * cols + l * (rows // splits) * r)
     total += sum((k if factor == "A" else l) * r * size for factor, size in shared)
     return 4 * total
+
+
+def working_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> int:
+    """Bytes of float32 coefficients of all adapted blocks, plus the largest layer's factors ``A (r, cols)`` and
+    ``B (rows, r)``, which every mode forms in the forward pass."""
+    r, k, l = config.r, config.num_basis_A, config.num_basis_B
+    coefficients, factors = 0, 0
+    for key, base_layer in targets:
+        rows, cols = matrix_shape(base_layer)
+        splits, adapt = resolve_slices(config.output_slices, key)
+        coefficients += len(adapt) * (k + l)
+        factors = max(factors, len(adapt) * (r * cols + (rows // splits) * r))
+    return 4 * (coefficients + factors)
 
 
 def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:

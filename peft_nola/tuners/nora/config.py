@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from peft.utils import PeftType
 
 from ...svd import SVD_METHODS
-from ..lowrank import LowRankConfig, require_int, require_probability
+from ..lowrank import LowRankConfig, require_finite, require_int, require_probability
 
 
 @dataclass
@@ -51,6 +51,10 @@ class NoraConfig(LowRankConfig):
         default=None, metadata={"help": "Set on creation: identifies the base weights the factors come from."}
     )
 
+    PINNED_FIELDS: ClassVar[tuple[str, ...]] = LowRankConfig.PINNED_FIELDS + (
+        "r", "inner_r", "store_outer_factors", "svd_method",
+    )
+
     def __post_init__(self):
         self.peft_type = PeftType.NORA
         super().__post_init__()
@@ -59,7 +63,6 @@ class NoraConfig(LowRankConfig):
         if self.inner_r > self.r:
             raise ValueError(f"inner_r must be <= r, got inner_r={self.inner_r} and r={self.r}")
         require_probability("nora_dropout", self.nora_dropout)
-        if isinstance(self.nora_alpha, bool) or not isinstance(self.nora_alpha, (int, float)):
-            raise ValueError(f"nora_alpha must be a number, got {self.nora_alpha!r}")
+        require_finite("nora_alpha", self.nora_alpha)
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")

@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from ...checks import FLOAT_DTYPES
 from ...svd import rounding_tolerance, weight_fingerprint
 from ..lowrank import LowRankTuner, weight_matrix
 from .config import NoraConfig
@@ -37,6 +38,15 @@ class NoraModel(LowRankTuner):
                 f"r={config.r} exceeds the rank of layer '{key}', whose weight (block) is {block_rows}x{cols}: "
                 f"choose r <= {min(block_rows, cols)} or leave this layer out of target_modules"
             )
+
+    @classmethod
+    def _file_tensor_specs(cls, config: NoraConfig, num_blocks: int, block_rows, cols) -> dict[str, tuple]:
+        r, inner_r, floats = config.r, config.inner_r, FLOAT_DTYPES
+        specs = {"nora_inner_A": ((num_blocks, r, inner_r), floats), "nora_inner_B": ((num_blocks, inner_r, r), floats)}
+        if config.store_outer_factors:
+            specs.update(nora_U=((num_blocks, block_rows, r), floats), nora_Vt=((num_blocks, r, cols), floats),
+                         nora_core0=((num_blocks, r, r), floats))
+        return specs
 
     def _layout_fields(self, config: NoraConfig) -> list:
         return [config.r, config.inner_r]
