@@ -294,9 +294,6 @@ def load_for_export(
         else:
             prefix = "nola_" if isinstance(config, NolaConfig) else "nora_"
             model = _skeleton(base, adapter_dir, prefix, config.task_type)
-            if isinstance(config, NoraConfig):
-                # The skeleton's zero weights only seed factors that the file's stored ones replace: the cheap SVD.
-                config.svd_method = "randomized"
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
 
 
