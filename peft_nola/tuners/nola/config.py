@@ -6,13 +6,14 @@ from typing import Optional
 from peft.utils import PeftType
 
 from ...quantization import DEFAULT_SCHEME, validate_bits, validate_scheme
+from ...model_card import ModelCardMixin
 from ..lowrank import LowRankConfig, require_int, require_probability
 
 BASIS_MODES = ("shared", "per_layer", "per_layer_cached")
 
 
 @dataclass
-class NolaConfig(LowRankConfig):
+class NolaConfig(ModelCardMixin, LowRankConfig):
     """Configuration of a NOLA adapter (Koohpayegani et al., "NOLA: Compressing LoRA using Linear Combination of
     Random Basis", ICLR 2024, arXiv 2310.02556).
 

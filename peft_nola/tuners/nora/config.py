@@ -6,11 +6,12 @@ from typing import Optional
 from peft.utils import PeftType
 
 from ...svd import SVD_METHODS
+from ...model_card import ModelCardMixin
 from ..lowrank import LowRankConfig, require_int, require_probability
 
 
 @dataclass
-class NoraConfig(LowRankConfig):
+class NoraConfig(ModelCardMixin, LowRankConfig):
     """Configuration of a NoRA adapter (Lin et al., "NoRA: Nested Low-Rank Adaptation", arXiv 2408.10280).
 
     For an adapted weight ``W`` (viewed as ``y = W x``, shape ``(m, n)``) with SVD ``W = U Σ Vᵀ``, NoRA keeps the top
