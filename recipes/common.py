@@ -501,9 +501,22 @@ def save_adapter(model, output_dir: str | os.PathLike) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = getattr(model, "get_base_model", lambda: model)()
     _make_saveable(base)
-    save_pretrained_atomic(model, out)
+    save_pretrained_atomic(model, out, **_embedding_kwargs(model))
     weight_files = [p for p in out.iterdir() if p.suffix in (".safetensors", ".bin")]
     return sum(p.stat().st_size for p in weight_files)
+
+
+def _embedding_kwargs(model) -> dict:
+    """``save_embedding_layers=False`` for an adapter that adapts no embedding: peft's default ("auto") then looks
+    the base model up on the hub to see whether the vocabulary was resized (recipes never resize it), which offline
+    prints two warnings on every save."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None)
+    if config is None or not isinstance(targets, (set, list, tuple)):
+        return {}
+    return {} if set(targets) & set(EMBEDDING_LAYER_NAMES) else {"save_embedding_layers": False}
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
