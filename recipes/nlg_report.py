@@ -89,6 +89,7 @@ def plot_params_vs_bleu(results: list[dict], path: Path, title: str | None = Non
             ax.axhline(bleu(with_base[0], "base_metrics"), color="gray", linestyle="--",
                        label=f"base model, no training: {bleu(with_base[0], 'base_metrics'):.1f}")
         ax.set_xscale("log")
+        ax.margins(x=0.2)  # room for the point labels at the ends
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("BLEU")
         ax.set_title(title or DATASET_TITLES.get(dataset, dataset), fontsize=9 if title else None)
