@@ -10,7 +10,7 @@ add_peft_type("NOLA")  # before the config classes are used: their __post_init__
 add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
-from .quantization import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
+from .quantize_adapters import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
 from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
@@ -21,6 +21,16 @@ register("nora", NoraConfig, NoraModel, prefix="nora_")
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # Imported on first use, so that `python -m peft_nola.export` does not find its module already imported.
+    if name == "export_lora":
+        from .export import export_lora
+
+        return export_lora
+    raise AttributeError(f"module 'peft_nola' has no attribute {name!r}")
+
+
 __all__ = [
     "GPT2_QV_SLICES",
     "NolaConfig",
@@ -30,6 +40,7 @@ __all__ = [
     "NoraLayer",
     "NoraModel",
     "basis_rows",
+    "export_lora",
     "generator_fingerprint",
     "lora_quantization_aware",
     "quantize_coefficients",

@@ -141,7 +141,8 @@ else ', the base weights'}) and refuses a mismatch rather than loading something
 {EXPORT_COMMAND}
 ```
 
-writes the same update as a standard peft LoRA adapter (rank `r`), which loads with `peft` alone.
+writes the same update as a standard peft LoRA adapter (rank `r`), which loads with `peft` alone. It reads the base
+model's config from `base_model_name_or_path`; offline, add `--base` with a local folder or `.gguf` file of the base.
 
 ### Framework versions
 

@@ -5,11 +5,9 @@
 * Sign convention: each pair ``(u_i, v_i)`` is flipped so that the entry of ``u_i`` with the largest magnitude is
   positive (the first such entry on ties). An SVD is unique only up to these signs; the convention makes it unique
   for distinct singular values.
-* ``method="auto"`` (the default) is exact where that is cheap and randomized where it is not, from
-  ``scripts/svd_cost.py`` on 2 CPU cores (2026-11-23): exact float64 SVD took 1.4 s for a 1024x1024 matrix but
-  124 s for 4096x4096 (hours for the 224 matrices of a 7B model), while the randomized one took 3.2 s for
-  4096x4096 with 4 power iterations, its kept singular values within 4e-4 (relative) even for the slowly decaying
-  spectra of pretrained weights. So: exact when the smaller side is at most ``AUTO_EXACT_MAX`` (2048), else randomized.
+* ``method="auto"`` (the default) is exact where that is cheap and randomized where it is not: exact when the
+  smaller side is at most ``AUTO_EXACT_MAX`` (2048), else randomized (the cost and accuracy measured by
+  ``scripts/svd_cost.py`` are in the README's NoRA section).
 * ``method="randomized"`` is a range-finder SVD (Halko, Martinsson & Tropp 2011) whose random test matrix comes from
   :mod:`peft_nola.basis`, not from torch's global RNG, so it is a deterministic function of the matrix and the seed.
 """
@@ -71,6 +69,12 @@ def _fix_signs(U, S, V):
     return U * signs, S, V * signs
 
 
+def _probes(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = uniform_stream(0, f"fingerprint/{name}/rows", 0, weight.shape[0], device=weight.device).to(torch.float64)
+    q = uniform_stream(0, f"fingerprint/{name}/cols", 0, weight.shape[1], device=weight.device).to(torch.float64)
+    return p, q
+
+
 def weight_fingerprint(weights: dict[str, torch.Tensor]) -> list[float]:
     """Two numbers that identify a set of named weight matrices: ``Σ ‖W‖²_F`` and ``Σ pᵀ W q`` with probe vectors
     ``p, q`` seeded by the name. Computed in float64; compare with a relative tolerance (BLAS summation order differs
@@ -78,8 +82,22 @@ def weight_fingerprint(weights: dict[str, torch.Tensor]) -> list[float]:
     total_norm, total_probe = 0.0, 0.0
     for name, weight in sorted(weights.items()):
         w = weight.detach().to(torch.float64)
-        p = uniform_stream(0, f"fingerprint/{name}/rows", 0, w.shape[0], device=w.device).to(torch.float64)
-        q = uniform_stream(0, f"fingerprint/{name}/cols", 0, w.shape[1], device=w.device).to(torch.float64)
+        p, q = _probes(name, w)
         total_norm += float(w.pow(2).sum())
         total_probe += float(p @ w @ q)
     return [total_norm, total_probe]
+
+
+def rounding_tolerance(weights: dict[str, torch.Tensor], unit_roundoff: float) -> list[float]:
+    """How far :func:`weight_fingerprint` of ``weights`` can be from the fingerprint of the weights they were rounded
+    from, when each entry carries a relative rounding error of at most ``unit_roundoff`` (a cast to bfloat16 or
+    float16): ``|Δ‖W‖²| <= (2u + u²)/(1 - u)² · ‖W‖²`` and ``|Δ pᵀWq| <= u/(1 - u) · |p|ᵀ|W||q|``, bounds that hold
+    for every entry's rounding at once."""
+    u = unit_roundoff
+    norm, probe = 0.0, 0.0
+    for name, weight in sorted(weights.items()):
+        w = weight.detach().to(torch.float64)
+        p, q = _probes(name, w)
+        norm += float(w.pow(2).sum())
+        probe += float(p.abs() @ w.abs() @ q.abs())
+    return [(2 * u + u * u) / (1 - u) ** 2 * norm, u / (1 - u) * probe]

@@ -8,7 +8,7 @@
 2. NOLA and LoRA adapters on the q and v parts of ``c_attn`` (matched trainable-parameter counts by default) learn
    the task ``MR || reference`` with the Trainer (loss on reference tokens only); QAT runs train at 3 and 2 bits.
 3. Post-training quantization at 16 (an fp16 cast), 8, 4, 3 and 2 bits is applied to the full-precision adapters
-   (``peft_nola.quantization.quantize_coefficients`` / ``quantize_lora``, with both per-tensor schemes); every
+   (``peft_nola.quantize_coefficients`` / ``quantize_lora``, with both per-tensor schemes); every
    variant is scored on held-out validation pairs: loss and perplexity on reference tokens, next-token accuracy.
    The quantized NOLA adapters are also saved packed and reloaded (``reload_equal``: the reloaded model scores
    exactly the same), and their file size recorded.
@@ -36,7 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig  # noqa: E402
-from peft_nola.quantization import SCHEMES, lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
+from peft_nola import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
+from peft_nola.quantization import SCHEMES  # noqa: E402
 from recipes.common import markdown_table, peak_memory_bytes, write_results  # noqa: E402
 
 PTQ_BITS = (16, 8, 4, 3, 2)

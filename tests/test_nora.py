@@ -202,3 +202,21 @@ def test_adapter_config_round_trip(tmp_path):
     get_peft_model(tiny_gpt2(), qv_config()).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "NORA" and len(saved["weight_fingerprint"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_lower_precision_copy_of_the_base_is_accepted_with_a_warning_another_base_is_not(tmp_path, dtype):
+    trained = get_peft_model(tiny_gpt2(seed=0), qv_config(init_weights=False))
+    with torch.no_grad():
+        delta = trained.base_model.model.transformer.h[0].attn.c_attn.get_delta_weight("default")
+    trained.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=f"base weights are {dtype}, a rounded copy"):
+        loaded = PeftModel.from_pretrained(tiny_gpt2(seed=0).to(dtype), tmp_path)
+    with torch.no_grad():
+        recomputed = loaded.base_model.model.transformer.h[0].attn.c_attn.get_delta_weight("default")
+    # The SVD of the rounded weights: the update agrees with the trained one to about the dtype's precision.
+    torch.testing.assert_close(recomputed.float(), delta, rtol=0, atol=0.05 * delta.abs().max().item())
+    other = tiny_gpt2(seed=1).to(dtype)
+    with pytest.raises(ValueError, match=f"not the weights it was trained on.*allowing for {dtype} rounding"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not nora_layers(other)

@@ -12,18 +12,15 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 import peft_nola  # noqa: F401  (registers NOLA)
-from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer
+from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer, lora_quantization_aware, quantize_coefficients, quantize_lora
 from peft_nola.quantization import (
     HEADER_SUFFIX,
     SCHEMES,
     dequantize,
     fake_quantize,
-    lora_quantization_aware,
     pack_codes,
     pack_tensor,
     quantize,
-    quantize_coefficients,
-    quantize_lora,
     unpack_codes,
     unpack_tensor,
 )
@@ -260,7 +257,8 @@ def test_corrupt_or_mismatched_packed_files_are_clear_errors(tmp_path):
     model = nola_gpt2(coefficient_bits=4)
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
-    stored = load_file(path)
+    # copies: safetensors 0.4 may map the tensors onto the file, which is overwritten below
+    stored = {key: value.clone() for key, value in load_file(path).items()}
     key = "base_model.model.transformer.h.0.attn.c_attn.nola_coef_A"
     truncated = {**stored, key: stored[key][:-1]}
     save_file(truncated, path, metadata={"format": "pt"})

@@ -1,8 +1,10 @@
 """The mechanism NOLA and NoRA share: a frozen base layer plus, per adapter, ``scale * up @ down`` updates.
 
-A method subclasses :class:`LowRankLayer` and only says how its factors are built and which tensors train
-(:meth:`LowRankLayer._create_adapter`, :meth:`LowRankLayer._factors`); it subclasses :class:`LowRankTuner` and only
-says which layer class to build. Everything else lives here once: wrapping ``nn.Linear``, GPT-2's ``Conv1D``,
+A method subclasses :class:`LowRankLayer` and only says how its factors are built and which tensors train, through
+four hooks: :meth:`LowRankLayer._init_adapter_containers` (the per-adapter containers),
+:meth:`LowRankLayer._create_adapter` (an adapter's tensors), :meth:`LowRankLayer._factors` (its factors) and
+:meth:`LowRankLayer._scale_and_dropout`; it subclasses :class:`LowRankTuner` and only says which layer class to build
+(``prefix``, ``tuner_layer_cls``, ``method_name``). Everything else lives here once: wrapping ``nn.Linear``, GPT-2's ``Conv1D``,
 ``nn.Conv2d`` and bitsandbytes 8-bit/4-bit layers; adapting chosen slices of a fused output (the q and v thirds of
 GPT-2's ``c_attn``); merge/unmerge; mixed-adapter batches; dtype handling.
 
@@ -26,20 +28,23 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _ExcludedModule,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-    _maybe_include_all_linear_layers,
-    check_adapters_to_merge,
-)
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, resolve_quantization_backend
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._peft_compat import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    AuxiliaryTrainingWrapper,
+    _ExcludedModule,
+    _filter_state_dict_by_key_prefixes,
+    _get_in_out_features,
+    _get_tuner_state_dict_key_prefixes,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+    refuse_pickled_save,
+    resolve_quantization_backend,
+)
 from ..basis import layout_fingerprint
 from ..checks import check_adapter_dir, check_loaded_tensors, tensors_checksum
 
@@ -204,11 +209,17 @@ def validate_output_slices(output_slices: Optional[dict]) -> None:
             )
 
 
+def names_module(name: str, module_key: str) -> bool:
+    """Whether ``name`` names the module ``module_key``: the key itself or a dotted suffix of it (peft's rule for
+    target_modules given as a list)."""
+    return module_key == name or module_key.endswith("." + name)
+
+
 def resolve_slices(output_slices: Optional[dict], module_key: str) -> tuple[int, tuple[int, ...]]:
-    """``(splits, adapt)`` for the module ``module_key``: the first ``output_slices`` entry whose name is the key or a
-    dotted suffix of it, else the whole output ``(1, (0,))``."""
+    """``(splits, adapt)`` for the module ``module_key``: the first ``output_slices`` entry that names it
+    (:func:`names_module`), else the whole output ``(1, (0,))``."""
     for name, spec in (output_slices or {}).items():
-        if module_key == name or module_key.endswith("." + name):
+        if names_module(name, module_key):
             return spec["splits"], tuple(sorted(spec["adapt"]))
     return 1, (0,)
 
@@ -256,6 +267,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         self.module_key = module_key
         self.rows, self.cols = matrix_shape(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())  # as peft's LoRA layers
         self.is_conv2d = isinstance(self.get_base_layer(), nn.Conv2d)
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.scaling: dict[str, float] = {}
@@ -443,17 +455,6 @@ class LowRankTuner(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     method_name = "low-rank"
 
-    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        if peft_config.target_modules is None:
-            target_modules = self.target_module_mapping.get(model_config.get("model_type"))
-            if target_modules is None:
-                raise ValueError(
-                    f"target_modules is not set and there is no default for model type "
-                    f"{model_config.get('model_type')!r}: pass target_modules, e.g. ['q_proj', 'v_proj']"
-                )
-            peft_config.target_modules = set(target_modules)
-        return peft_config
-
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # Everything that can be checked is checked before the first module is replaced, so that a bad config or
         # an adapter made for another model leaves the user's model untouched.
@@ -538,6 +539,7 @@ class LowRankTuner(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        refuse_pickled_save(cls.method_name)
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
@@ -573,6 +575,16 @@ class LowRankTuner(BaseTuner):
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
         """Extra keyword arguments the method's layer needs (e.g. a shared basis store)."""
         return {}
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        # peft's PeftModel forwards unknown attributes to the tuner; without this, the call fails as an
+        # AttributeError on the transformers model.
+        raise NotImplementedError(
+            f"add_weighted_adapter is not available for {self.method_name}: a weighted sum of {self.method_name} "
+            f"adapters is not a {self.method_name} adapter. The exact sum of two updates is a LoRA of the summed "
+            f"ranks: export each adapter with peft_nola.export_lora (python -m peft_nola.export ADAPTER_DIR OUT_DIR), "
+            f"load the LoRA adapters into one peft model and call add_weighted_adapter(..., combination_type='cat')."
+        )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

@@ -5,8 +5,8 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from ...quantization import DEFAULT_SCHEME, validate_bits, validate_scheme
 from ...model_card import ModelCardMixin
+from ...quantization import DEFAULT_SCHEME, validate_bits, validate_scheme
 from ..lowrank import LowRankConfig, require_int, require_probability
 
 BASIS_MODES = ("shared", "per_layer", "per_layer_cached")
@@ -49,7 +49,7 @@ class NolaConfig(ModelCardMixin, LowRankConfig):
     ``coefficient_bits=b`` (2..8) the saved adapter stores α and β as packed ``b``-bit integers plus a small header
     per tensor (``≈ b/8`` bytes per coefficient), and ``PeftModel.from_pretrained`` dequantizes them on load:
       * ``quantization_aware=False``: training is in full precision and saving quantizes (post-training
-        quantization; :func:`peft_nola.quantization.quantize_coefficients` does the same to the model in memory);
+        quantization; :func:`peft_nola.quantize_coefficients` does the same to the model in memory);
       * ``quantization_aware=True``: quantization-aware training. The forward pass uses the quantized coefficients,
         the optimizer updates the full-precision ones (the trainable parameters), and gradients pass the rounding
         unchanged (straight-through estimator). The saved adapter is the quantized one, so resuming training from

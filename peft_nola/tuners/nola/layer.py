@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
+
+from ..._peft_compat import BufferDict
 
 try:
     from torch.distributed.tensor import DTensor

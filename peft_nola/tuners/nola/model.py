@@ -3,8 +3,9 @@ from __future__ import annotations
 import os
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
+
+from ..._peft_compat import BufferDict
 
 from ...basis import generator_fingerprint
 from ...quantization import HEADER_SUFFIX, pack_tensor, unpack_tensor
@@ -17,24 +18,34 @@ class NolaModel(LowRankTuner):
     """Injects NOLA adapters into a model; created by ``peft.get_peft_model`` with a :class:`NolaConfig`.
 
     Holds the shared basis store ``nola_basis``: non-persistent buffers (never in the state dict), generated lazily
-    on the device and in the dtype of the coefficients, and moved with the model by ``.to()``.
+    on the device and in the dtype of the coefficients, and moved with the model by ``.to()`` (a model adapted by
+    ``inject_adapter_in_model`` has no tuner: its store regenerates a basis on the new device at first use).
     """
 
     prefix = "nola_"
     tuner_layer_cls = NolaLayer
     method_name = "NOLA"
-    uses_shared_state = True
+    # The basis store and combiner live with the adapted model (below), not only on this tuner, so
+    # ``inject_adapter_in_model`` (and transformers' ``load_adapter``), which drop the tuner, work too.
+    uses_shared_state = False
 
     def _pre_injection_hook(self, model: nn.Module, config: NolaConfig, adapter_name: str) -> None:
-        if "nola_basis" not in self._modules:
-            self.nola_basis = BufferDict({}, persistent=False)
-            self.nola_combiner = SharedBasisCombiner(self.nola_basis)
+        if "nola_basis" in self._modules:
+            return
+        # One store and combiner per model, found on the model itself when a tuner was made for it before: every
+        # adapter injected into one model shares them, whichever way it was injected.
+        state = model.__dict__.get(_MODEL_STATE)
+        if state is None:
+            store = BufferDict({}, persistent=False)
+            combiner = SharedBasisCombiner(store)
             # Mark each forward of the model (also every step of generate) so layers sharing a basis are combined
             # in one product per forward; always_call ends the span even when the forward raises.
-            self._combiner_hooks = [
-                model.register_forward_pre_hook(self.nola_combiner.begin),
-                model.register_forward_hook(self.nola_combiner.end, always_call=True),
+            hooks = [
+                model.register_forward_pre_hook(combiner.begin),
+                model.register_forward_hook(combiner.end, always_call=True),
             ]
+            state = model.__dict__[_MODEL_STATE] = (store, combiner, hooks)  # a plain attribute, not a submodule
+        self.nola_basis, self.nola_combiner, self._combiner_hooks = state
 
     # Merging and unmerging build every layer's ΔW: inside one combiner span each shared basis is read once for all
     # layers instead of once per layer (same bits either way).
@@ -49,6 +60,7 @@ class NolaModel(LowRankTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for handle in self._combiner_hooks:
             handle.remove()  # the returned base model must not keep the basis store alive
+        self.model.__dict__.pop(_MODEL_STATE, None)
         with self.nola_combiner.span():
             return super()._unload_and_optionally_merge(*args, **kwargs)
 
@@ -121,6 +133,7 @@ class NolaModel(LowRankTuner):
 
 
 BUDGET_ENV = "PEFT_NOLA_BASIS_MEMORY_BUDGET"
+_MODEL_STATE = "_peft_nola_basis_state"  # attribute of an adapted model: (basis store, combiner, forward hooks)
 
 
 def basis_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]], mode: str) -> int:

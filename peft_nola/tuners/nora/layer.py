@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
+
+from ..._peft_compat import BufferDict
 
 from ...basis import uniform_stream
 from ...svd import top_singular_triplets

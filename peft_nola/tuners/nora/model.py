@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import torch
 from torch import nn
 
-from ...svd import weight_fingerprint
+from ...svd import rounding_tolerance, weight_fingerprint
 from ..lowrank import LowRankTuner, weight_matrix
 from .config import NoraConfig
 from .layer import NoraLayer
@@ -43,16 +45,35 @@ class NoraModel(LowRankTuner):
         super()._check_targets(config, targets)
         if config.store_outer_factors or not targets:
             return  # stored factors: any model with these layer shapes is fine
-        weights = weight_fingerprint({key: weight_matrix(base_layer) for key, base_layer in targets})
+        matrices = {key: weight_matrix(base_layer) for key, base_layer in targets}
+        weights = weight_fingerprint(matrices)
         expected = config.weight_fingerprint
-        if expected is not None and not all(
-            math.isclose(a, b, rel_tol=_FINGERPRINT_RTOL, abs_tol=_FINGERPRINT_RTOL * math.sqrt(weights[0]))
-            for a, b in zip(expected, weights)
-        ):
-            raise ValueError(
-                f"This NoRA adapter recomputes its frozen SVD factors from the base weights, but these are not the "
-                f"weights it was trained on (weight_fingerprint {expected} != {weights}). Load it onto its own base "
-                f"model (base_model_name_or_path={config.base_model_name_or_path!r}), or save adapters with "
-                f"store_outer_factors=True to make them independent of the base weights."
+        strict = [_FINGERPRINT_RTOL * (abs(w) + math.sqrt(weights[0])) for w in weights]
+        if expected is not None and not _close(expected, weights, strict):
+            # A copy of the same base in a lower precision (bfloat16, float16) is the same model: its fingerprint
+            # differs by at most the rounding of every weight. Anything further away is another model.
+            dtype = min((m.dtype for m in matrices.values()), key=lambda d: torch.finfo(d).bits)
+            unit_roundoff = torch.finfo(dtype).eps / 2
+            rounded = unit_roundoff > torch.finfo(torch.float32).eps and _close(
+                expected, weights, rounding_tolerance(matrices, unit_roundoff)
             )
+            if not rounded:
+                raise ValueError(
+                    f"This NoRA adapter recomputes its frozen SVD factors from the base weights, but these are not "
+                    f"the weights it was trained on (weight_fingerprint {expected} != {weights}"
+                    + (f", allowing for {dtype} rounding" if unit_roundoff > torch.finfo(torch.float32).eps else "")
+                    + f"). Load it onto its own base model (base_model_name_or_path={config.base_model_name_or_path!r}), "
+                    f"or save adapters with store_outer_factors=True to make them independent of the base weights."
+                )
+            warnings.warn(
+                f"The base weights are {dtype}, a rounded copy of the weights this NoRA adapter was trained on: its "
+                f"frozen SVD factors are recomputed from the rounded weights, so its update differs from the trained "
+                f"one by about that rounding (relative {unit_roundoff:.1e}). Load the base in the dtype it was "
+                f"trained in to reproduce it exactly."
+            )
+            return  # the adapter keeps the fingerprint of the weights it was trained on
         config.weight_fingerprint = weights
+
+
+def _close(expected: list, actual: list, tolerances: list) -> bool:
+    return all(abs(a - b) <= tol for a, b, tol in zip(expected, actual, tolerances))

@@ -1,0 +1,572 @@
+"""Export a NOLA or NoRA adapter as a plain LoRA adapter that any LoRA consumer can serve.
+
+Both methods add, per adapted weight (or output block), an update of exactly rank ``r``: ``scale · up @ down`` with
+``down (r, cols)`` and ``up (rows, r)`` (NOLA: the seeded basis combined with the coefficients; NoRA:
+``down = (A B − C₀) V_rᵀ``, ``up = U_r``). peft's LoRA computes ``lora_B(lora_A(x)) · lora_alpha / r``, so
+``lora_A = down``, ``lora_B = scale · up`` and ``lora_alpha = r`` reproduce the update with no approximation beyond
+float rounding. The cases that need more than that:
+
+* **Fused output slices** (GPT-2's ``c_attn`` with the q and v thirds adapted): one LoRA on the whole layer whose
+  ``lora_A`` stacks the S blocks' ``down`` (rank ``S·r``) and whose ``lora_B`` is block-structured (block ``s`` in the
+  rows of its slice and the columns of its ``r`` hidden units, zeros elsewhere): the S updates exactly, and zero
+  on the slices that are not adapted.
+* **Conv2d**: NOLA views the kernel ``(out, in, kh, kw)`` as an ``(out·kh) x (in·kw)`` matrix, while LoRA's
+  convolution is ``lora_A`` (a kh x kw convolution to R channels) followed by ``lora_B`` (1x1), i.e. a rank-R
+  factorisation of the ``out x (in·kh·kw)`` matrix. Row ``o`` of the latter is the concatenation of NOLA's rows
+  ``o·kh … o·kh+kh−1``, so it factors exactly as ``up.view(out, kh·r) @ blockdiag(down, …, down)``: rank
+  ``kh·r``. When ``out`` or ``in·kh·kw`` is smaller, the identity on that side is exact at that rank instead.
+  Refused: grouped, dilated or non-zero-padded convolutions (peft's ``lora_A`` is an ungrouped, undilated,
+  zero-padded convolution, so it would compute another function).
+* **Layers of different ranks** in one adapter (a fused layer next to a plain one): every layer is padded with zero
+  rows/columns to the largest rank, which every consumer reads (not all read peft's ``rank_pattern``).
+* **Quantized coefficients**: the factors are built from the coefficients the forward pass uses (dequantized
+  values; for quantization-aware adapters the quantized ones), so the export computes what the model computes.
+
+Refused with a reason: trained biases (``bias != "none"``), an adapter merged into the base weights, NoRA adapters
+whose outer factors must be recomputed when no base weights are given. ``modules_to_save`` tensors are carried the
+way peft's LoRA saves them. Whenever a consumer would reject the result (vLLM rejects ``modules_to_save``, GPT-2
+and convolutions), the export warns, naming the consumer and its reason.
+
+Which serving engines accept the result is written to ``export_report.json`` next to the adapter; the rules come
+from the engines' loaders (see :data:`CONSUMER_RULES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
+from safetensors.torch import save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ._peft_compat import AuxiliaryTrainingWrapper
+from .tuners.lowrank import LowRankLayer, names_module
+from .tuners.nola import NolaConfig
+from .tuners.nora import NoraConfig
+
+FORMATS = ("peft", "gguf")
+REPORT_FILE = "export_report.json"
+GGUF_FILE = "adapter_model.gguf"
+
+# vLLM's LoRA ranks: `--max-lora-rank` takes one of these (vllm/config/lora.py, MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Module names whose LoRA vLLM and TGI load for LLaMA-architecture models (vLLM: LlamaForCausalLM's packed modules
+# qkv_proj / gate_up_proj and o_proj, down_proj; TGI: the flash LLaMA model's adapter layers).
+LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_MODEL_TYPES = ("llama", "mistral")
+
+#: Where each consumer's rules were read (the checks in :func:`consumer_verdicts` follow them).
+CONSUMER_RULES = {
+    "peft": "peft's LoraConfig and LoRA layers (Linear, Conv1D with fan_in_fan_out, Conv2d, bitsandbytes)",
+    "vllm": "vllm/lora/peft_helper.py (PEFTHelper: r, lora_alpha, target_modules required; modules_to_save None; "
+    "no DoRA, bias 'none'; r <= --max-lora-rank in vllm/config/lora.py MaxLoRARanks), vllm/lora/lora_model.py "
+    "(tensor names base_model.model.<module>.lora_A/lora_B.weight, modules outside the model's LoRA modules are "
+    "an error), vllm/model_executor/models/gpt2.py (GPT2LMHeadModel does not implement SupportsLoRA)",
+    "tgi": "server/text_generation_server/adapters/lora.py (peft LoraConfig; only base_model.model.<layer>.lora_A/"
+    "lora_B.weight of the model's adapter layers are used, other tensors are left unused with a warning)",
+    "llama.cpp": "convert_lora_to_gguf.py and src/llama-adapter.cpp (only lora_A/lora_B pairs of the base GGUF's "
+    "tensors; embeddings or other full tensors in the adapter are an error)",
+}
+
+
+class ExportError(ValueError):
+    """An adapter that cannot be exported exactly; the message says why and what to do instead."""
+
+
+# ------------------------------------------------------------------------------------------------- layer factors
+def lora_factors(layer: LowRankLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(lora_A.weight, lora_B.weight)`` of a LoRA layer that adds exactly this layer's update, scale folded
+    into ``lora_B`` (so ``lora_alpha = r``).
+
+    Linear-like layers: ``lora_A (S·r, cols)``, ``lora_B (rows, S·r)``. Conv2d: ``lora_A (R, in, kh, kw)``,
+    ``lora_B (out, R, 1, 1)`` with R as in the module docstring.
+    """
+    with torch.no_grad():
+        down, up = layer._factors(adapter_name)
+        scale = layer.scaling[adapter_name]
+        if layer.is_conv2d:
+            return _conv_factors(layer, adapter_name, down[0], up[0], scale)
+        return down.reshape(-1, layer.cols).clone(), layer._full_up(up, adapter_name) * scale
+
+
+def _conv_factors(layer: LowRankLayer, adapter_name: str, down, up, scale):
+    out_ch, in_ch, kh, kw = layer.get_base_layer().weight.shape
+    r, patch = down.shape[0], in_ch * kh * kw
+    rank = min(kh * r, out_ch, patch)
+    if rank == kh * r:
+        # Row o of the (out, in·kh·kw) update is NOLA's rows o·kh .. o·kh+kh−1 side by side.
+        lora_B = (up.reshape(out_ch, kh * r) * scale)[:, :, None, None]
+        lora_A = torch.block_diag(*[down] * kh).view(kh * r, in_ch, kh, kw)
+    elif rank == out_ch:
+        lora_B = torch.eye(out_ch, dtype=down.dtype, device=down.device)[:, :, None, None]
+        lora_A = layer.get_delta_weight(adapter_name)
+    else:  # lora_A extracts every patch unchanged (an identity kernel), lora_B applies the update to it
+        lora_A = torch.eye(patch, dtype=down.dtype, device=down.device).view(patch, in_ch, kh, kw)
+        lora_B = layer.get_delta_weight(adapter_name).reshape(out_ch, patch)[:, :, None, None]
+    return lora_A.contiguous(), lora_B.contiguous()
+
+
+def _pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of ``lora_A`` and columns of ``lora_B`` up to ``rank``: the same update at a higher rank."""
+    extra = rank - lora_A.shape[0]
+    if extra == 0:
+        return lora_A, lora_B
+    lora_A = torch.cat([lora_A, lora_A.new_zeros(extra, *lora_A.shape[1:])])
+    lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], extra, *lora_B.shape[2:])], dim=1)
+    return lora_A, lora_B
+
+
+# --------------------------------------------------------------------------------------------- checks up front
+def _adapted_layers(model: PeftModel, adapter_name: str) -> list[LowRankLayer]:
+    return [m for m in model.modules() if isinstance(m, LowRankLayer) and adapter_name in m.scaling]
+
+
+def _check_exportable(model: PeftModel, adapter_name: str, fmt: str) -> tuple[PeftConfig, list[LowRankLayer]]:
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if not isinstance(model, PeftModel):
+        raise ExportError(
+            f"export_lora takes a PeftModel with a NOLA or NoRA adapter or an adapter directory, got "
+            f"{type(model).__name__}"
+        )
+    if adapter_name not in model.peft_config:
+        raise ExportError(
+            f"The model has no adapter named {adapter_name!r}; its adapters are {sorted(model.peft_config)}. "
+            f"Pass adapter_name= (--adapter_name) with one of them."
+        )
+    config = model.peft_config[adapter_name]
+    if not isinstance(config, (NolaConfig, NoraConfig)):
+        raise ExportError(
+            f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not NOLA or NoRA: a LoRA adapter is served "
+            f"as it is; other methods cannot be exported by peft_nola."
+        )
+    if config.bias != "none":
+        raise ExportError(
+            f"Adapter {adapter_name!r} trains biases (bias={config.bias!r}): the trained biases are base-model "
+            f"weights, which a LoRA adapter for vLLM/TGI/llama.cpp cannot carry. Train with bias='none', or merge "
+            f"the adapter into the model (merge_and_unload) and serve the merged model."
+        )
+    layers = _adapted_layers(model, adapter_name)
+    if not layers:
+        raise ExportError(f"Adapter {adapter_name!r} adapts no layer of this model: nothing to export.")
+    for layer in layers:
+        if adapter_name in layer.merged_adapters:
+            raise ExportError(
+                f"Adapter {adapter_name!r} is merged into the base weights of '{layer.module_key}': an adapter "
+                f"exported now would be added a second time. Call model.unmerge_adapter() first."
+            )
+        if layer.is_conv2d:
+            conv = layer.get_base_layer()
+            if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
+                raise ExportError(
+                    f"'{layer.module_key}' is a Conv2d with groups={conv.groups}, dilation={tuple(conv.dilation)}, "
+                    f"padding_mode={conv.padding_mode!r}: peft's LoRA lora_A is an ungrouped, undilated, "
+                    f"zero-padded convolution, so no LoRA adapter computes this layer's update. Leave the layer "
+                    f"out of target_modules, or merge the adapter (merge_and_unload) and serve the merged model."
+                )
+    if fmt == "gguf":
+        model_type = getattr(model.get_base_model().config, "model_type", None)
+        problems = []
+        if model_type not in LLAMA_MODEL_TYPES:
+            problems.append(f"the base model's type is {model_type!r}, GGUF export supports {LLAMA_MODEL_TYPES}")
+        kinds = {type(layer.get_base_layer()).__name__ for layer in layers if layer.is_conv2d or layer.fan_in_fan_out}
+        if kinds:
+            problems.append(f"it adapts {sorted(kinds)} layers, llama.cpp adapters hold only linear LoRA pairs")
+        if config.modules_to_save:
+            problems.append(
+                f"it has modules_to_save={sorted(config.modules_to_save)}, which llama.cpp's converter rejects "
+                f"(full tensors in an adapter)"
+            )
+        if problems:
+            raise ExportError(
+                f"Cannot write adapter {adapter_name!r} as a llama.cpp LoRA: {'; '.join(problems)}. "
+                f"Use --format peft."
+            )
+    return config, layers
+
+
+# ------------------------------------------------------------------------------------------------ loading a dir
+def _base_location(path: Union[str, Path]) -> tuple[str, Optional[str]]:
+    """``(from_pretrained location, gguf_file)`` for a model directory or a ``.gguf`` file."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return str(path.parent), path.name
+    return str(path), None
+
+
+def _model_class(config, task_type: Optional[str]):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    if task_type == "CAUSAL_LM" or task_type is None:
+        return transformers.AutoModelForCausalLM
+    raise ExportError(
+        f"Cannot tell which model class the adapter's base is (task_type={task_type!r}, no architectures in its "
+        f"config): pass the base model itself (base_model=<nn.Module>)."
+    )
+
+
+def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type: Optional[str]) -> nn.Module:
+    """The base architecture on the meta device with only the modules the adapter file touches made real (zeros):
+    enough to rebuild the adapter's factors when they do not depend on the base weights."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    location, gguf_file = _base_location(base)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    with torch.device("meta"):
+        cls = _model_class(config, task_type)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    paths = set()
+    for key in keys:
+        key = key.removeprefix("base_model.model.")
+        paths.add(key.split(f".{prefix}")[0] if f".{prefix}" in key else key.rsplit(".", 1)[0])
+    for path in sorted(paths):
+        module = model.get_submodule(path)
+        module.to_empty(device="cpu", recurse=True)
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.zero_()
+    return model.eval()
+
+
+def _load_base(base: Union[str, Path], task_type: Optional[str]) -> nn.Module:
+    from transformers import AutoConfig
+
+    location, gguf_file = _base_location(base)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    cls = _model_class(AutoConfig.from_pretrained(location, **kwargs), task_type)
+    return cls.from_pretrained(location, dtype=torch.float32, **kwargs).eval()
+
+
+def load_for_export(
+    adapter_dir: Union[str, Path], adapter_name: str = "default", base_model: Union[None, str, Path, nn.Module] = None
+) -> PeftModel:
+    """A PeftModel holding the adapter saved in ``adapter_dir``, built as cheaply as its method allows.
+
+    NOLA, and NoRA saved with its outer factors: only the base's architecture is needed (its config; the layers the
+    adapter touches are made on the CPU, everything else stays on the meta device). NoRA saved without its outer
+    factors: the base weights it was trained on, checked against its ``weight_fingerprint`` on load. ``base_model``
+    is an ``nn.Module`` (adapted in place, as ``PeftModel.from_pretrained`` does), a model directory or a ``.gguf``
+    file; ``None`` uses the adapter's ``base_model_name_or_path``.
+    """
+    import peft_nola  # noqa: F401  (registers the tuners with peft)
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ExportError(f"{adapter_dir} has no adapter_config.json: pass a directory written by save_pretrained")
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if not isinstance(config, (NolaConfig, NoraConfig)):
+        raise ExportError(f"{adapter_dir} holds a {config.peft_type} adapter, not NOLA or NoRA")
+    needs_weights = isinstance(config, NoraConfig) and not config.store_outer_factors
+    if isinstance(base_model, nn.Module):
+        model = base_model
+    else:
+        base = base_model or config.base_model_name_or_path
+        location = Path(_base_location(base)[0]) if base else None
+        if location is None or not location.is_dir():
+            what = (
+                "the base weights it was trained on (NoRA recomputes its outer factors from them)"
+                if needs_weights
+                else "the base model's config (architecture and layer shapes; no weights)"
+            )
+            raise ExportError(
+                f"Exporting {adapter_dir} needs {what}, but base_model_name_or_path={config.base_model_name_or_path!r} "
+                f"is not a local directory: pass base_model= (--base) a model directory or .gguf file."
+            )
+        if needs_weights:
+            model = _load_base(base, config.task_type)
+        else:
+            prefix = "nola_" if isinstance(config, NolaConfig) else "nora_"
+            model = _skeleton(base, adapter_dir, prefix, config.task_type)
+            if isinstance(config, NoraConfig):
+                # The skeleton's zero weights only seed factors that the file's stored ones replace: the cheap SVD.
+                config.svd_method = "randomized"
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
+
+
+# ------------------------------------------------------------------------------------------------------- export
+def _target_modules(model: PeftModel, keys: list[str]) -> list[str]:
+    """The shortest target_modules peft's matcher resolves to exactly ``keys``: their last names if those match no
+    other module, else the full keys."""
+    names = sorted({key.rsplit(".", 1)[-1] for key in keys})
+    matched, wrappers = set(), []
+    for key, module in model.get_base_model().named_modules():
+        if not key or any(key.startswith(p) for p in wrappers):
+            continue
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            wrappers.append(key + ".")
+        if any(names_module(n, key) for n in names):
+            matched.add(key)
+    return names if matched == set(keys) else sorted(keys)
+
+
+def _modules_to_save_tensors(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Trained copies of ``modules_to_save`` under the keys peft's LoRA saves them with."""
+    tensors = {}
+    for key, module in model.get_base_model().named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for name, tensor in module.modules_to_save[adapter_name].state_dict().items():
+                tensors[f"base_model.model.{key}.{name}"] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def export_lora(
+    model_or_adapter_dir: Union[PeftModel, str, Path],
+    out_dir: Union[str, Path],
+    adapter_name: str = "default",
+    base_model: Union[None, str, Path, nn.Module] = None,
+    format: str = "peft",
+) -> dict:
+    """Write the NOLA or NoRA adapter ``adapter_name`` as an exactly equivalent LoRA adapter in ``out_dir``.
+
+    Args:
+        model_or_adapter_dir: a ``PeftModel`` holding the adapter (what its forward pass computes is exported), or a
+            directory written by ``save_pretrained`` (what ``PeftModel.from_pretrained`` would compute from it).
+        out_dir: created if needed. ``format="peft"``: ``adapter_config.json`` (``peft_type: LORA``) and
+            ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``, vLLM, TGI or llama.cpp's
+            ``convert_lora_to_gguf.py``. ``format="gguf"``: ``adapter_model.gguf``, a llama.cpp LoRA adapter
+            (LLaMA-architecture bases). Both also get ``export_report.json``.
+        adapter_name: which adapter of a model (or the name to load a directory's adapter under).
+        base_model: only for a directory: see :func:`load_for_export`.
+        format: ``"peft"`` or ``"gguf"``.
+
+    Returns:
+        The report written to ``export_report.json``: rank, files, sizes, seconds, and per consumer whether it
+        accepts the result (``True``/``False``/``None`` for cannot tell) with the reasons.
+
+    Raises:
+        ExportError: for an adapter that cannot be exported exactly, before anything is written.
+    """
+    start = time.perf_counter()
+    source = None
+    if isinstance(model_or_adapter_dir, (str, Path)):
+        source = Path(model_or_adapter_dir)
+        model = load_for_export(source, adapter_name, base_model)
+    else:
+        model = model_or_adapter_dir
+    config, layers = _check_exportable(model, adapter_name, format)
+
+    combiner = getattr(model.base_model, "nola_combiner", None)
+    with combiner.span() if combiner is not None else nullcontext():  # one basis read for all layers
+        factors = {layer.module_key: lora_factors(layer, adapter_name) for layer in layers}
+    rank = max(lora_A.shape[0] for lora_A, _ in factors.values())
+    factors = {key: _pad_rank(*pair, rank) for key, pair in factors.items()}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_config = model.get_base_model().config if hasattr(model.get_base_model(), "config") else None
+    model_type = getattr(base_config, "model_type", None)
+    extra = _modules_to_save_tensors(model, adapter_name)
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=_target_modules(model, list(factors)),
+        lora_dropout=getattr(config, "nola_dropout", getattr(config, "nora_dropout", 0.0)),
+        fan_in_fan_out=any(isinstance(layer.get_base_layer(), Conv1D) for layer in layers),
+        bias="none",
+        modules_to_save=sorted(config.modules_to_save) if config.modules_to_save else None,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        task_type=config.task_type,
+        inference_mode=True,
+    )
+    kinds = sorted({type(layer.get_base_layer()).__name__ for layer in layers})
+    if format == "peft":
+        tensors = {}
+        for key, (lora_A, lora_B) in factors.items():
+            tensors[f"base_model.model.{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+            tensors[f"base_model.model.{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+        tensors.update(extra)
+        lora_config.save_pretrained(str(out_dir))
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        files = ["adapter_config.json", "adapter_model.safetensors"]
+        verdicts = consumer_verdicts(lora_config.to_dict(), list(tensors), kinds, model_type)
+    else:
+        write_gguf(out_dir / GGUF_FILE, factors, base_config, alpha=float(rank))
+        files = [GGUF_FILE]
+        verdicts = {"llama.cpp": {"accepts": True, "reasons": []}}
+    rejecting = sorted(name for name, verdict in verdicts.items() if verdict["accepts"] is False)
+    if rejecting:
+        warnings.warn(
+            f"peft loads the exported adapter in {out_dir}, but "
+            + "; ".join(f"{name}: {verdicts[name]['reasons'][0]}" for name in rejecting)
+            + f" (all reasons in {REPORT_FILE})"
+        )
+    report = {
+        "source": str(source) if source else "in-memory model",
+        "method": str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type),
+        "adapter_name": adapter_name,
+        "format": format,
+        "rank": rank,
+        "layers": len(layers),
+        "layer_types": kinds,
+        "files": {name: (out_dir / name).stat().st_size for name in files},
+        "seconds": round(time.perf_counter() - start, 3),
+        "consumers": verdicts,
+        "rules": {name: CONSUMER_RULES[name] for name in verdicts},
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- consumers
+def consumer_verdicts(config: dict, tensor_names: list[str], layer_types: list[str], model_type: Optional[str]) -> dict:
+    """Whether peft, vLLM, TGI and llama.cpp (via ``convert_lora_to_gguf.py``) accept a LoRA adapter with this
+    ``adapter_config.json`` content, these tensor names, base layer types and base ``model_type``.
+
+    Each verdict is ``{"accepts": True | False | None, "reasons": [...]}`` (``None``: depends on what cannot be
+    checked without the engine, said in the reasons). vLLM's also names the ``--max-lora-rank`` it needs.
+    """
+    r = config.get("r")
+    modules_to_save = config.get("modules_to_save")
+    lora_keys = [n for n in tensor_names if n.endswith((".lora_A.weight", ".lora_B.weight"))]
+    other_keys = sorted(set(tensor_names) - set(lora_keys))
+    module_names = sorted({n.removeprefix("base_model.model.").rsplit(".", 2)[0] for n in lora_keys})
+    not_linear = sorted(set(layer_types) - {"Linear", "Linear8bitLt", "Linear4bit"})
+    is_llama = model_type in LLAMA_MODEL_TYPES
+    outside_llama = sorted({m.rsplit(".", 1)[-1] for m in module_names} - set(LLAMA_LORA_MODULES))
+
+    def verdict(problems: list[str], unknown: list[str]) -> dict:
+        return {"accepts": False if problems else (None if unknown else True), "reasons": problems + unknown}
+
+    vllm_problems, vllm_unknown = [], []
+    missing = [name for name in ("r", "lora_alpha", "target_modules") if config.get(name) is None]
+    if missing:
+        vllm_problems.append(f"vLLM requires {missing} in adapter_config.json")
+    if modules_to_save:
+        vllm_problems.append(
+            f"vLLM rejects modules_to_save={modules_to_save} (it allows only None, recent versions also "
+            f"['classifier', 'score'] for classification models)"
+        )
+    if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias"):
+        vllm_problems.append("vLLM rejects DoRA and adapter biases")
+    if not isinstance(r, int) or not 1 <= r <= VLLM_MAX_LORA_RANKS[-1]:
+        vllm_problems.append(f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}, the adapter's r is {r}")
+    if not_linear:
+        vllm_problems.append(f"vLLM has LoRA only for linear layers, the adapter adapts {not_linear}")
+    if model_type == "gpt2":
+        vllm_problems.append("vLLM's GPT2LMHeadModel does not support LoRA (no SupportsLoRA)")
+    elif is_llama and outside_llama:
+        vllm_problems.append(f"vLLM's LLaMA has no LoRA for {outside_llama} (its LoRA modules: {LLAMA_LORA_MODULES})")
+    elif not is_llama:
+        vllm_unknown.append(f"whether vLLM's {model_type!r} model has LoRA for {module_names[:3]}... is not checked")
+    vllm = verdict(vllm_problems, vllm_unknown)
+    if isinstance(r, int) and r <= VLLM_MAX_LORA_RANKS[-1]:
+        vllm["max_lora_rank"] = next(rank for rank in VLLM_MAX_LORA_RANKS if rank >= r)
+
+    tgi_problems, tgi_unknown = [], []
+    if other_keys:
+        tgi_problems.append(
+            f"TGI loads only lora_A/lora_B tensors and would leave {other_keys[:3]} unused (modules_to_save ignored: "
+            f"outputs would differ)"
+        )
+    if not_linear:
+        tgi_problems.append(f"TGI has LoRA only for linear layers, the adapter adapts {not_linear}")
+    if is_llama and outside_llama:
+        tgi_problems.append(f"TGI's LLaMA has no adapter layers {outside_llama}")
+    elif not is_llama:
+        tgi_unknown.append(f"TGI serves adapters only on its flash models; {model_type!r} is not checked")
+    tgi = verdict(tgi_problems, tgi_unknown)
+
+    cpp_problems, cpp_unknown = [], []
+    if other_keys:
+        cpp_problems.append(
+            f"llama.cpp's convert_lora_to_gguf.py rejects tensors that are not lora_A/lora_B pairs: {other_keys[:3]}"
+        )
+    if not_linear:
+        cpp_problems.append(f"llama.cpp adapters hold only linear LoRA pairs, the adapter adapts {not_linear}")
+    if not is_llama:
+        cpp_unknown.append(
+            f"peft_nola writes GGUF only for {LLAMA_MODEL_TYPES}; convert_lora_to_gguf.py may support {model_type!r}"
+        )
+    return {
+        "peft": {"accepts": True, "reasons": []},
+        "vllm": vllm,
+        "tgi": tgi,
+        "llama.cpp": verdict(cpp_problems, cpp_unknown),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- GGUF
+def _llama_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter reorders q/k output rows per head (``LlamaModel.permute`` in convert_hf_to_gguf.py)."""
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def write_gguf(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_config, alpha: float) -> None:
+    """A llama.cpp LoRA adapter as ``convert_lora_to_gguf.py`` writes it for a LLaMA base: ``general.type=adapter``,
+    ``adapter.type=lora``, ``adapter.lora.alpha``; per adapted weight ``<gguf name>.weight.lora_a`` (numpy shape
+    ``(r, in)``, GGUF ``ne = [in, r]``) and ``.lora_b`` (``(out, r)``, ``ne = [r, out]``), float32, q/k rows
+    permuted as the converter permutes the base's q/k weights."""
+    import gguf
+
+    n_head = base_config.num_attention_heads
+    n_kv_head = getattr(base_config, "num_key_value_heads", None) or n_head
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, base_config.num_hidden_layers)
+    tensors = []
+    for key, (lora_A, lora_B) in factors.items():
+        name = name_map.get_name(key)
+        if name is None:
+            raise ExportError(f"llama.cpp has no tensor for '{key}' in a LLaMA model: use --format peft")
+        if key.endswith("q_proj"):
+            lora_B = _llama_permute(lora_B, n_head)
+        elif key.endswith("k_proj"):
+            lora_B = _llama_permute(lora_B, n_kv_head)
+        tensors += [(f"{name}.weight.lora_a", lora_A), (f"{name}.weight.lora_b", lora_B)]
+    writer = gguf.GGUFWriter(str(path), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, tensor in tensors:
+        writer.add_tensor(name, tensor.detach().to(torch.float32).cpu().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_nola.export",
+        description="Export a NOLA or NoRA adapter as an exactly equivalent LoRA adapter (peft format or GGUF).",
+    )
+    parser.add_argument("adapter_dir", help="directory written by save_pretrained")
+    parser.add_argument("out_dir", help="where to write the LoRA adapter")
+    parser.add_argument("--base", default=None, help="base model directory or .gguf file (default: the adapter's "
+                        "base_model_name_or_path); NOLA needs only its config, NoRA without stored factors its weights")
+    parser.add_argument("--format", choices=FORMATS, default="peft")
+    parser.add_argument("--adapter_name", default="default")
+    args = parser.parse_args(argv)
+    try:
+        report = export_lora(args.adapter_dir, args.out_dir, args.adapter_name, args.base, format=args.format)
+    except ExportError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(json.dumps({k: report[k] for k in ("method", "format", "rank", "layers", "files", "seconds")}))
+    for name, verdict in report["consumers"].items():
+        state = {True: "accepts", False: "REJECTS", None: "unknown"}[verdict["accepts"]]
+        print(f"{name}: {state}" + (f" ({'; '.join(verdict['reasons'])})" if verdict["reasons"] else ""))
+    if report["consumers"].get("vllm", {}).get("max_lora_rank"):
+        print(f"vllm: serve with --enable-lora --max-lora-rank {report['consumers']['vllm']['max_lora_rank']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The peft internals this package relies on (peft_nola/_peft_compat.py) exist in the installed peft, each named."""
+
+import importlib
+
+import pytest
+
+from peft_nola import _peft_compat
+
+
+@pytest.mark.parametrize("module, name", _peft_compat.PRIVATE_NAMES, ids=lambda x: str(x))
+def test_private_name_exists(module, name):
+    assert hasattr(importlib.import_module(module), name), f"peft no longer has {module}.{name}"
+
+
+@pytest.mark.parametrize("owner, hook", _peft_compat.HOOKS, ids=lambda x: str(x))
+def test_hook_exists(owner, hook):
+    module, cls = owner.rsplit(".", 1)
+    assert hasattr(getattr(importlib.import_module(module), cls), hook), f"peft's {owner} no longer has {hook}"
+
+
+def test_pickled_save_detection_still_sees_peft_s_flag():
+    # refuse_pickled_save reads save_pretrained's local variable: peft must still call it safe_serialization.
+    from peft import PeftModel
+
+    assert "safe_serialization" in PeftModel.save_pretrained.__code__.co_varnames
+
+
+def test_a_missing_name_is_a_clear_import_error():
+    with pytest.raises(ImportError, match=r"needs peft\.tuners\.tuners_utils\._no_such_helper, which peft .* does not"):
+        _peft_compat.private_name("peft.tuners.tuners_utils", "_no_such_helper")
+
+
+def test_the_floor_job_installs_the_floors_pyproject_declares():
+    import re
+    import tomllib
+
+    from .conftest import REPO_ROOT
+
+    def release(version: str) -> tuple:  # "2.13" and "2.13.0" are one release
+        parts = [int(part) for part in version.split(".")]
+        while parts and parts[-1] == 0:
+            parts.pop()
+        return tuple(parts)
+
+    declared = {}
+    for requirement in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+        declared[name] = release(floor)
+    constraints = (REPO_ROOT / ".ci" / "floor-constraints.txt").read_text().splitlines()
+    pinned = {name: release(version) for name, version in
+              (line.split("==") for line in constraints if line and not line.startswith("#"))}
+    assert pinned == declared
