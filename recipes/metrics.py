@@ -61,11 +61,14 @@ Remaining differences from the official scripts (all in corner cases):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from collections import Counter
@@ -390,13 +393,35 @@ def _meteor():
         return _METEOR
 
 
+@contextlib.contextmanager
+def _java_stderr_kept_for_errors():
+    """The Stanford tokenizer writes a "PTBTokenizer tokenized N tokens" line to the inherited stderr on every call;
+    hold the process's stderr (file descriptor 2, which the Java child inherits) in a temporary file and replay it
+    only when the call fails, so that a real error still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def ptb_tokenize(texts_per_input: Sequence[Sequence[str]]) -> list[list[str]]:
     """Stanford PTB tokenization as the COCO evaluator does it: lowercased, punctuation dropped."""
     _require_java()
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     captions = {i: [{"caption": text} for text in texts] for i, texts in enumerate(texts_per_input)}
-    tokenized = PTBTokenizer().tokenize(captions)
+    with _java_stderr_kept_for_errors():
+        tokenized = PTBTokenizer().tokenize(captions)
     return [tokenized[i] for i in range(len(texts_per_input))]
 
 

@@ -9,8 +9,12 @@ decodes the test inputs, scores them against all references of each input, and w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib.util
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +27,11 @@ from recipes.common import (
     apply_method,
     build_peft_config,
     check_target_modules,
+    coerce_mapping,
     config_to_dict,
     count_trainable_parameters,
     default_data_root,
+    hub_id,
     load_config,
     load_model_and_tokenizer,
     markdown_table,
@@ -100,6 +106,12 @@ class NLGConfig(ModelArgs, AdapterArgs):
     # ---- reporting
     row_label: str | None = None  # e.g. "NOLA (QV)"; derived from method/targets when unset
     paper_table: str | None = None  # which table of the NOLA paper this config reproduces
+    # ---- side-by-side runs (the quickstart): each entry overrides keys of this config for one run, e.g.
+    # [{method: nola, num_basis_A: 400}, {method: lora, r: 1, learning_rate: 2.0e-3}]. Every run trains on the same
+    # data and steps from the same base model, in this process; the un-adapted model is decoded once. Writes one
+    # table (results.md), results.json with a "runs" list, params_vs_bleu.png and one adapter per run.
+    compare: list[dict] | None = None
+    table_note: str | None = None  # a sentence printed under the table's heading (e.g. how the run differs from the paper)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -288,6 +300,7 @@ def score(dataset: str, examples: Sequence[NLGExample], hypotheses: Sequence[str
 # Reporting
 # --------------------------------------------------------------------------------------------------------------------
 
+DATASET_TITLES = {"e2e": "E2E NLG", "dart": "DART", "webnlg": "WebNLG 2017"}
 TABLE_COLUMNS = {
     "e2e": ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"],
     "dart": ["BLEU", "METEOR", "TER"],
@@ -296,6 +309,24 @@ TABLE_COLUMNS = {
 # Metrics the paper prints x100 (E2E: BLEU 70.4, MET 46.8, ROUGE-L 71.8); the rest print on the scorer's scale
 # (NIST 8.85, CIDEr 2.53; DART/WebNLG BLEU is already 0..100, METEOR and TER print as .46).
 PERCENT_METRICS = {"e2e": ("BLEU", "METEOR", "ROUGE_L"), "dart": (), "webnlg": ()}
+
+
+METRIC_SCALES = {
+    dataset: {"metrics": "as the official scorer prints them" + (
+                  " (e2e-metrics measure_scores.py: BLEU, METEOR, ROUGE_L in 0..1)" if dataset == "e2e" else ""),
+              "printed_metrics": "as results.md and the paper print them" + (
+                  " (BLEU, METEOR, ROUGE_L in percent: 0.538 -> 53.8)" if dataset == "e2e" else " (the same)")}
+    for dataset in TABLE_COLUMNS
+}
+
+
+def printed_metrics(metrics: dict[str, float], dataset: str) -> dict[str, float]:
+    """``metrics`` on the scale the tables print: x100 for the metrics the paper gives in percent (E2E BLEU 0.704 ->
+    70.4), the others as they are."""
+    def percent(name: str) -> bool:
+        return (name[:-2] if name.endswith(("_S", "_U")) else name) in PERCENT_METRICS[dataset]
+
+    return {name: round(100 * value if percent(name) else value, 4) for name, value in metrics.items()}
 
 
 def row_label(cfg: NLGConfig) -> str:
@@ -319,13 +350,14 @@ def paper_row(results: dict, dataset: str) -> dict:
     """One table row as the paper prints it: label, parameter count, and metric strings (E2E "70.4" for BLEU, METEOR
     and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two)."""
     row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
+    printed = printed_metrics(results["metrics"], dataset)
     for name in TABLE_COLUMNS[dataset]:
-        value = results["metrics"].get(name)
+        value = printed.get(name)
         base_name = name[:-2] if name.endswith(("_S", "_U")) else name
         if value is None:
             row[name] = None
         elif base_name in PERCENT_METRICS[dataset]:
-            row[name] = f"{100 * value:.1f}"
+            row[name] = f"{value:.1f}"
         else:
             row[name] = f"{value:.2f}"
     return row
@@ -333,6 +365,51 @@ def paper_row(results: dict, dataset: str) -> dict:
 
 def paper_markdown(rows: Sequence[dict], dataset: str) -> str:
     columns = ["Method", "# Trainable Parameters", *TABLE_COLUMNS[dataset]]
+    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
+    return markdown_table(rows, columns, headers)
+
+
+def model_title(cfg: NLGConfig) -> str:
+    if cfg.model_config is not None:
+        return f"random-init {cfg.model_config.get('model_type', '?')}"
+    name = hub_id(cfg)
+    return f"{name.split('/')[-1]} ({cfg.model_name_or_path})" if name else str(cfg.model_name_or_path)
+
+
+def heading_short(cfg: NLGConfig, results: dict) -> str:
+    """One line: dataset, model, steps, test inputs."""
+    return (f"{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}: {results['train_steps']} steps, "
+            f"{results['test_inputs']} test inputs")
+
+
+def run_heading(cfg: NLGConfig, results: dict) -> str:
+    """What a table's numbers come from: model, data, steps, test inputs, decoding (and the config's table_note)."""
+    decoding = "greedy decoding" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"
+    text = (f"**{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}**: {results['train_steps']} "
+            f"training steps of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
+            f"({results['train_pairs']} training pairs); {results['test_inputs']} test inputs "
+            f"({results['test_references']} references), {decoding} of up to {cfg.max_new_tokens} new tokens.")
+    return f"{text} {cfg.table_note}" if cfg.table_note else text
+
+
+def comparison_markdown(results: dict) -> str:
+    """The comparison table: the un-adapted model, then each run, with parameters, adapter bytes, the paper's metrics
+    and train / decode seconds."""
+    dataset = results["dataset"]
+    metric_columns = TABLE_COLUMNS[dataset]
+    rows = []
+    if results["base_metrics"]:
+        base = {"row_label": "Base model (no training)", "trainable_params": None, "metrics": results["base_metrics"]}
+        rows.append({**paper_row(base, dataset), "Adapter bytes": None, "Train (s)": None,
+                     "Decode (s)": results["base_decode_time_s"]})
+    for run in results["runs"]:
+        rows.append({**paper_row(run, dataset), "# Trainable Parameters": f"{run['trainable_params']:,}",
+                     "Adapter bytes": f"{run['adapter_bytes']:,}", "Train (s)": f"{run['train_time_s']:.0f}",
+                     "Decode (s)": f"{run['decode_time_s']:.0f}"})
+    for row in rows:
+        if isinstance(row["Decode (s)"], float):
+            row["Decode (s)"] = f"{row['Decode (s)']:.0f}"
+    columns = ["Method", "# Trainable Parameters", "Adapter bytes", *metric_columns, "Train (s)", "Decode (s)"]
     headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
     return markdown_table(rows, columns, headers)
 
@@ -354,32 +431,55 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError("chat_template: true already ends the prompt with the assistant header; "
                           "set eos_after_prompt: false")
     resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    if cfg.compare is not None:
+        run_configs(cfg)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RecipeError("compare writes params_vs_bleu.png with matplotlib: pip install matplotlib "
+                              "(or pip install -e '.[recipes]')")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the recipe; returns the results dict (also written to ``output_dir/results.json``)."""
-    started = time.time()
-    cfg = load_config(NLGConfig, argv)
-    validate(cfg)
-    pairs, test = load_data(cfg)
-    # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
-    model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
-    # Fail on bad target_modules / method before spending time on base decoding.
-    build_peft_config(cfg, model)
-    check_target_modules(model, cfg)
+# Keys a compare entry may not set: they are what every run of a comparison shares (data, decoding, where it goes).
+SHARED_KEYS = ("dataset", "data_dir", "train_file", "test_file", "hub_dataset", "max_train_pairs", "max_test_inputs",
+               "data_seed", "model_name_or_path", "gguf_file", "tokenizer_name_or_path", "model_config",
+               "output_dir", "resume_from_checkpoint", "evaluate_base", "num_beams", "length_penalty",
+               "no_repeat_ngram_size", "repetition_penalty", "max_new_tokens", "stop_at_newline",
+               "score_tokenize_lower", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "compare")
 
+
+def run_configs(cfg: NLGConfig) -> list[NLGConfig]:
+    """The runs ``cfg`` asks for: itself, or one config per ``compare`` entry (RecipeError for a bad entry)."""
+    if cfg.compare is None:
+        return [cfg]
+    if not isinstance(cfg.compare, list) or not cfg.compare or not all(isinstance(e, dict) for e in cfg.compare):
+        raise RecipeError("compare must be a non-empty list of mappings, e.g. [{method: lora, r: 1}]")
+    if cfg.resume_from_checkpoint:
+        raise RecipeError("resume_from_checkpoint resumes one run; remove compare, or resume_from_checkpoint")
+    runs = []
+    for entry in cfg.compare:
+        values = coerce_mapping(NLGConfig, entry, f"in the compare entry {entry}")
+        shared = sorted(set(entry) & set(SHARED_KEYS))
+        if shared:
+            raise RecipeError(f"compare entry {entry}: {shared} must be the same for every run; set them at the top "
+                              "level of the config")
+        run = dataclasses.replace(cfg, **values, compare=None)
+        if run.method == "full":
+            raise RecipeError(f"compare entry {entry}: compare runs adapters on one shared base model; "
+                              "run method full on its own")
+        validate(run)
+        runs.append(run)
+    labels = [row_label(r) for r in runs]
+    if len(set(labels)) != len(labels):
+        raise RecipeError(f"compare runs need distinct row labels, got {labels}: set row_label in each entry")
+    return runs
+
+
+def training_arguments(cfg: NLGConfig, out: Path):
+    """transformers.TrainingArguments for one run of ``cfg`` writing checkpoints into ``out``."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.padding_side = "right"
-
-    sources = [ex.source for ex in test]
-    base_metrics: dict[str, float] = {}
-    base_predictions: list[str] = []
-    train_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         seed=cfg.seed,
         num_train_epochs=cfg.num_train_epochs,
@@ -404,71 +504,146 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ddp_find_unused_parameters=False,  # every trainable parameter is used in every forward
         use_cpu=not torch.cuda.is_available(),
     )
-    is_main = train_args.process_index == 0
+
+
+def run_folder(cfg: NLGConfig, run: NLGConfig) -> Path:
+    """Where a run writes its adapter (and checkpoints): output_dir, or output_dir/<row label slug> in a comparison."""
+    out = Path(cfg.output_dir)
+    return out if cfg.compare is None else out / re.sub(r"[^a-z0-9]+", "_", row_label(run).lower()).strip("_")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe; returns the results dict (also written to ``output_dir/results.json``)."""
+    started = time.time()
+    cfg = load_config(NLGConfig, argv)
+    validate(cfg)
+    runs = run_configs(cfg)
+    pairs, test = load_data(cfg)
+    # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
+    model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
+    # Fail on bad target_modules / method before spending time on base decoding.
+    for run in runs:
+        build_peft_config(run, model)
+        check_target_modules(model, run)
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.padding_side = "right"
+
+    sources = [ex.source for ex in test]
+    base_metrics: dict[str, float] = {}
+    base_predictions: list[str] = []
+    base_decode_s = None
+    device = training_arguments(cfg, out).device
+    is_main = training_arguments(cfg, out).process_index == 0
     if cfg.evaluate_base:
-        model.to(train_args.device)
+        model.to(device)
+        tick = time.time()
         base_predictions = generate_sharded(model, tokenizer, cfg, sources, desc="decoding (base model)")
+        base_decode_s = round(time.time() - tick, 2)
         if is_main:
             base_metrics = score(cfg.dataset, test, base_predictions, cfg.score_tokenize_lower)
 
-    model = apply_method(model, cfg)
-    trainable = count_trainable_parameters(model)
-    trainer = Trainer(
-        model=model,
-        args=train_args,
-        train_dataset=PairDataset(tokenizer, cfg, pairs),
-        # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
-        # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler, RNG).
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
-    )
-    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg.resume_from_checkpoint, out))
-    model = trainer.model
-    predictions = generate_sharded(model, tokenizer, cfg, sources, desc="decoding (adapted model)")
+    all_results: list[dict] = []
+    all_predictions: list[list[str]] = []
+    for number, run in enumerate(runs):
+        folder = run_folder(cfg, run)
+        # Each run of a comparison starts from the same un-adapted weights; the last one may consume them.
+        base = model if number == len(runs) - 1 else copy.deepcopy(model)
+        set_seed(run.seed)
+        adapted = apply_method(base, run)
+        trainable = count_trainable_parameters(adapted)
+        train_args = training_arguments(run, folder)
+        trainer = Trainer(
+            model=adapted,
+            args=train_args,
+            train_dataset=PairDataset(tokenizer, run, pairs),
+            # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
+            # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler,
+            # RNG).
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
+        )
+        tick = time.time()
+        train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
+        train_s = round(time.time() - tick, 2)
+        adapted = trainer.model
+        tick = time.time()
+        predictions = generate_sharded(adapted, tokenizer, run, sources, desc=f"decoding ({row_label(run)})")
+        decode_s = round(time.time() - tick, 2)
+        if not is_main:
+            continue
+        adapter_bytes = save_adapter(adapted, folder / "adapter")
+        metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
+        all_predictions.append(predictions)
+        all_results.append({
+            "recipe": "nlg",
+            "config": config_to_dict(run),
+            "method": run.method,
+            "row_label": row_label(run),
+            "dataset": cfg.dataset,
+            "model": cfg.model_name_or_path if cfg.model_config is None
+            else f"random-init {cfg.model_config.get('model_type', '?')}",
+            "trainable_params": int(trainable),
+            "adapter_bytes": int(adapter_bytes),
+            "adapter_dir": str(folder / "adapter"),
+            "metrics": metrics,
+            "printed_metrics": printed_metrics(metrics, cfg.dataset),
+            "metric_scales": METRIC_SCALES[cfg.dataset],
+            "base_metrics": base_metrics,
+            "train_time_s": train_s,
+            "decode_time_s": decode_s,
+            "train_pairs": len(pairs),
+            "test_inputs": len(test),
+            "test_references": sum(len(ex.references) for ex in test),
+            "train_steps": int(train_output.global_step),
+            "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
+            "decoding": {k: getattr(run, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
+                                                       "max_new_tokens", "stop_at_newline")},
+            "device": str(train_args.device),
+            "processes": train_args.world_size,
+        })
+        del trainer, adapted, base
     if not is_main:
         return {}
 
-    adapter_bytes = save_adapter(model, out / "adapter")
-    metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for i, (ex, hyp) in enumerate(zip(test, predictions)):
-            record = {"source": ex.source, "prediction": hyp, "references": ex.references}
+        for i, ex in enumerate(test):
+            record = {"source": ex.source, "references": ex.references}
+            if cfg.compare is None:
+                record["prediction"] = all_predictions[0][i]
+            else:
+                record["predictions"] = {r["row_label"]: p[i] for r, p in zip(all_results, all_predictions)}
             if base_predictions:
                 record["base_prediction"] = base_predictions[i]
             if ex.category is not None:
                 record["category"] = ex.category
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    results = {
-        "recipe": "nlg",
-        "config": config_to_dict(cfg),
-        "method": cfg.method,
-        "row_label": row_label(cfg),
-        "dataset": cfg.dataset,
-        "model": cfg.model_name_or_path if cfg.model_config is None
-        else f"random-init {cfg.model_config.get('model_type', '?')}",
-        "trainable_params": int(trainable),
-        "adapter_bytes": int(adapter_bytes),
-        "metrics": metrics,
-        "base_metrics": base_metrics,
-        "wall_time_s": round(time.time() - started, 2),
-        "peak_memory_bytes": peak_memory_bytes(),
-        "train_pairs": len(pairs),
-        "test_inputs": len(test),
-        "test_references": sum(len(ex.references) for ex in test),
-        "train_steps": int(train_output.global_step),
-        "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
-        "decoding": {k: getattr(cfg, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
-                                                   "max_new_tokens", "stop_at_newline")},
-        "device": str(train_args.device),
-        "processes": train_args.world_size,
-    }
-    rows = [paper_row(results, cfg.dataset)]
-    if base_metrics:
-        base = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
-        rows.insert(0, paper_row(base, cfg.dataset))
-    write_results(out, results, paper_markdown(rows, cfg.dataset))
-    print(paper_markdown(rows, cfg.dataset))
-    print(f"results written to {out / 'results.json'}")
+    base_printed = printed_metrics(base_metrics, cfg.dataset) if base_metrics else {}
+    common = {"base_printed_metrics": base_printed, "base_decode_time_s": base_decode_s,
+              "wall_time_s": round(time.time() - started, 2), "peak_memory_bytes": peak_memory_bytes()}
+    heading = run_heading(cfg, all_results[0])
+    if cfg.compare is None:
+        results = {**all_results[0], **common}
+        rows = [paper_row(results, cfg.dataset)]
+        if base_metrics:
+            base = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
+            rows.insert(0, paper_row(base, cfg.dataset))
+        markdown = paper_markdown(rows, cfg.dataset)
+    else:
+        from recipes.nlg_report import plot_params_vs_bleu
+
+        results = {"recipe": "nlg", "kind": "comparison", "config": config_to_dict(cfg), "dataset": cfg.dataset,
+                   "heading": heading, "runs": all_results, "base_metrics": base_metrics, **common}
+        markdown = f"{heading}\n\n{comparison_markdown(results)}"
+        plot_params_vs_bleu(all_results, out / "params_vs_bleu.png", title=heading_short(cfg, all_results[0]))
+        results["plot"] = str(out / "params_vs_bleu.png")
+    write_results(out, results, markdown)
+    print(markdown)
+    print(f"results written to {out / 'results.json'}" + (
+        f", plot to {out / 'params_vs_bleu.png'}" if cfg.compare is not None else ""))
     return results
 
 

