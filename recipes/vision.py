@@ -41,7 +41,10 @@ from recipes.common import (
     load_config,
     markdown_table,
     peak_memory_bytes,
+    locate,
+    names_module,
     resolve_path,
+    training_arguments,
     run_cli,
     save_adapter,
     split_model_config,
@@ -279,7 +282,7 @@ def resolve_targets(model, roles: Sequence[str]) -> list[str]:
     targets = []
     for role in roles:
         for candidate in TARGET_NAMES[role]:
-            if any(n.endswith("." + candidate) for n in names):
+            if any(names_module(candidate, n) for n in names):
                 targets.append(candidate)
                 break
         else:
@@ -345,18 +348,14 @@ def prepare_model(cfg: VisionConfig, base_model, method: str, seed: int):
 
 
 def _training_arguments(cfg: VisionConfig, run_dir: Path, lr: float, seed: int):
-    import torch
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(run_dir), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+    return training_arguments(
+        run_dir, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
         warmup_steps=cfg.warmup_steps, label_smoothing_factor=cfg.label_smoothing, optim="adamw_torch",
         seed=seed, data_seed=seed, save_strategy=cfg.save_strategy, logging_steps=cfg.logging_steps,
-        report_to=[], remove_unused_columns=False, label_names=["labels"], bf16=cfg.bf16, fp16=cfg.fp16,
-        dataloader_num_workers=cfg.dataloader_num_workers, disable_tqdm=cfg.disable_tqdm,
-        dataloader_drop_last=False, dataloader_pin_memory=torch.cuda.is_available(),
+        label_names=["labels"], bf16=cfg.bf16, fp16=cfg.fp16, dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=cfg.disable_tqdm, dataloader_drop_last=False,
     )
 
 
@@ -627,10 +626,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else None
 
     def in_data_dir(name):
-        if name is None:
-            return None
-        p = resolve_path(name)
-        return str(p if p.exists() or data_dir is None else data_dir / name)
+        return None if name is None else str(locate(name, data_dir))
 
     gc_was_frozen = gc.get_freeze_count()
     try:

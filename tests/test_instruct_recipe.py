@@ -165,8 +165,8 @@ def test_kbit_loading_quantizes_every_adapted_linear_layer(bits):
         pytest.skip(f"GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
     import bitsandbytes as bnb
 
-    from recipes.common import load_config
-    from recipes.instruct import InstructConfig, load_base_model
+    from recipes.common import load_base_model, load_config
+    from recipes.instruct import InstructConfig
 
     config = load_config(InstructConfig, ["--config", str(CONFIGS / "smoke.yaml"),
                                           "--tokenizer_name_or_path", str(GPT2_TOKENIZER)])
