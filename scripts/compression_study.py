@@ -136,6 +136,13 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         source=where,
     )
     study.dataset = str(study.common.get("dataset", "e2e"))
+    for key in study.seed_keys:
+        if key not in known:
+            raise _unknown_key_error(key, known, f"seed_keys of {where}")
+    metrics = TABLE_COLUMNS.get(study.dataset, [])
+    if study.selection_metric not in metrics:
+        raise _fail(where, f"selection_metric '{study.selection_metric}' is not a {study.dataset} metric; "
+                           f"choose one of {', '.join(metrics)}")
     if study.claim:
         missing = [k for k in ("reference", "compressed", "rank_one") if study.claim.get(k) not in names]
         if missing:
