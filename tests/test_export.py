@@ -397,3 +397,75 @@ def test_gguf_row_order_matches_a_real_llama_cpp_file():
         hf = getattr(model.model.layers[0].self_attn, proj).weight.detach()
         torch.testing.assert_close(_llama_permute(hf, heads), from_file.reshape(hf.shape), atol=1e-6, rtol=0)
         assert not torch.allclose(hf, from_file.reshape(hf.shape), atol=1e-3)  # the order does differ
+
+
+LLAMA_CPP_SCRIPT = """
+import sys
+import numpy as np
+import llama_cpp
+
+model_path, lora_path, ids_path, out_path = sys.argv[1:5]
+ids = np.load(ids_path).tolist()
+kwargs = {"lora_path": lora_path} if lora_path != "-" else {}
+llm = llama_cpp.Llama(model_path=model_path, n_ctx=256, logits_all=True, verbose=False, n_threads=1, **kwargs)
+llm.eval(ids)
+np.save(out_path, np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+def llama_cpp_python():
+    """A Python with llama-cpp-python: $PEFT_NOLA_LLAMA_CPP_PYTHON, or this one if it has it."""
+    import importlib.util
+    import os
+
+    if os.environ.get("PEFT_NOLA_LLAMA_CPP_PYTHON"):
+        return os.environ["PEFT_NOLA_LLAMA_CPP_PYTHON"]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    pytest.skip("llama-cpp-python is not installed: pip install llama-cpp-python (it compiles llama.cpp, ~13 min on "
+                "2 cores) here or in another virtualenv and set PEFT_NOLA_LLAMA_CPP_PYTHON to its python")
+
+
+@pytest.mark.slow
+def test_llama_cpp_serves_the_exported_gguf_adapter_like_peft_nola(tmp_path):
+    """SmolLM2 (its Q4_1 GGUF) with the exported adapter in llama.cpp against transformers + the NOLA adapter.
+
+    llama.cpp computes the Q4_1 weights with quantized activations, transformers with the dequantized weights in
+    float32, so the base logits already differ (the tolerance the quantization allows): the adapted logits must not
+    differ more than 1.5x that, and the adapter's effect (adapted minus base logits) must be reproduced to within
+    55% relative error (measured 42%; with a shorter prompt, exports without llama.cpp's q/k row order gave 74% and
+    with a doubled lora alpha 107%, so the bound tells them apart)."""
+    python = llama_cpp_python()
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir
+
+    gguf_path = smollm2_package_dir() / SMOLLM2_GGUF_FILE
+    base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    ids = tokenizer("name[The Eagle], eatType[coffee shop], food[French], area[riverside] ||",
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf_base = base(ids).logits[0].numpy()
+    model = get_peft_model(base, NolaConfig(r=8, num_basis_A=1000, num_basis_B=1000, nola_alpha=4,
+                                            target_modules=["q_proj", "v_proj"], init_weights=False)).eval()
+    with torch.no_grad():
+        hf_adapted = model(ids).logits[0].numpy()
+    export_lora(model, tmp_path / "lora", format="gguf")
+    np.save(tmp_path / "ids.npy", ids[0].numpy())
+    cpp = {}
+    for name, lora in (("base", "-"), ("adapted", str(tmp_path / "lora" / "adapter_model.gguf"))):
+        subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, str(gguf_path), lora, str(tmp_path / "ids.npy"),
+                        str(tmp_path / f"{name}.npy")], check=True, timeout=600)
+        cpp[name] = np.load(tmp_path / f"{name}.npy")
+    base_gap = np.abs(cpp["base"] - hf_base).mean()
+    adapted_gap = np.abs(cpp["adapted"] - hf_adapted).mean()
+    effect_hf, effect_cpp = hf_adapted - hf_base, cpp["adapted"] - cpp["base"]
+    relative = np.linalg.norm(effect_cpp - effect_hf) / np.linalg.norm(effect_hf)
+    print(f"base gap {base_gap:.3f}, adapted gap {adapted_gap:.3f}, effect {np.abs(effect_hf).mean():.3f} "
+          f"(llama.cpp {np.abs(effect_cpp).mean():.3f}), relative effect error {relative:.3f}")
+    assert np.abs(effect_hf).mean() > 2 * base_gap  # the adapter changes more than the quantization does
+    assert adapted_gap <= 1.5 * base_gap
+    assert relative < 0.55
