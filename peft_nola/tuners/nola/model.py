@@ -53,7 +53,7 @@ class NolaModel(LowRankTuner):
             return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
-        return {"combiner": self.nola_combiner}
+        return {**super()._layer_kwargs(adapter_name, module_key), "combiner": self.nola_combiner}
 
     def _check_targets(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
         super()._check_targets(config, targets)
