@@ -12,7 +12,7 @@ add_peft_type("NORA")
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
 from .quantization import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
-from .tuners.lowrank import GPT2_QV_SLICES  # noqa: E402
+from .tuners.lowrank import DEFAULT_FACTOR_CACHE_BYTES, GPT2_QV_SLICES, set_factor_cache_budget  # noqa: E402
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
 from .tuners.nora import NoraConfig, NoraLayer, NoraModel  # noqa: E402
 
@@ -22,6 +22,7 @@ register("nora", NoraConfig, NoraModel, prefix="nora_")
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_FACTOR_CACHE_BYTES",
     "GPT2_QV_SLICES",
     "NolaConfig",
     "NolaLayer",
@@ -35,5 +36,6 @@ __all__ = [
     "quantize_coefficients",
     "quantize_lora",
     "save_pretrained_atomic",
+    "set_factor_cache_budget",
     "uniform_stream",
 ]
