@@ -10,6 +10,7 @@ add_peft_type("NOLA")  # before the config classes are used: their __post_init__
 add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
+from .hotswap import hotswap_adapter  # noqa: E402
 from .quantization import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
 from .tuners.lowrank import DEFAULT_FACTOR_CACHE_BYTES, GPT2_QV_SLICES, set_factor_cache_budget  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "NoraModel",
     "basis_rows",
     "generator_fingerprint",
+    "hotswap_adapter",
     "lora_quantization_aware",
     "quantize_coefficients",
     "quantize_lora",

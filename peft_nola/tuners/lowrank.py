@@ -785,6 +785,12 @@ class LowRankTuner(BaseTuner):
     def _check_layer(self, peft_config: PeftConfig, key: str, block_rows: int, cols: int) -> None:
         """Method-specific checks of one targeted weight block of shape ``(block_rows, cols)``."""
 
+    def _hotswap_signature(self, peft_config: PeftConfig) -> dict:
+        """What must be equal for one adapter's values to replace another's in place (``peft_nola.hotswap_adapter``);
+        fingerprints are those ``_check_targets`` filled in for this model."""
+        return {"peft_type": peft_config.peft_type, "layout_fingerprint": peft_config.layout_fingerprint,
+                "r": peft_config.r}
+
     def _layout_fields(self, peft_config: PeftConfig) -> list:
         """Config values that change the adapter's tensor shapes, recorded in the layout fingerprint."""
         return [peft_config.r]

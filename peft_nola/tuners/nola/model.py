@@ -68,6 +68,15 @@ class NolaModel(LowRankTuner):
         config.basis_fingerprint = fingerprint
         self._check_basis_memory(config, targets)
 
+    def _hotswap_signature(self, config: NolaConfig) -> dict:
+        signature = super()._hotswap_signature(config)
+        for name in ("basis_seed", "basis_mode", "num_basis_A", "num_basis_B", "basis_fingerprint", "quantization_aware"):
+            signature[name] = getattr(config, name)
+        if config.quantization_aware:  # the forward pass quantizes at this width
+            signature["coefficient_bits"] = config.coefficient_bits
+            signature["quantization_scheme"] = config.quantization_scheme
+        return signature
+
     def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]]) -> None:
         """Refuse, before any module is replaced, a config whose stored basis would not fit in memory."""
         needed = basis_bytes(config, targets, config.basis_mode)
