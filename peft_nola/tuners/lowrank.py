@@ -375,7 +375,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.scaling: dict[str, float] = {}
         self.output_slices: dict[str, tuple[int, tuple[int, ...]]] = {}
-        self.adapter_dropout = nn.ModuleDict({})
+        # Dropout probabilities, applied functionally: a module per adapter and layer would make every module walk
+        # (peft does several per load_adapter) grow with the number of loaded adapters.
+        self.adapter_dropout: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -418,7 +420,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self._factor_tokens[adapter_name] = next(_adapter_tokens)
         self.output_slices[adapter_name] = (splits, adapt)
         self.scaling[adapter_name] = scale
-        self.adapter_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.adapter_dropout[adapter_name] = dropout
         self._create_adapter(adapter_name, config, (self.rows // splits, self.cols), **kwargs)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -477,7 +479,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``result`` plus the adapter's contribution to the layer's output for input ``x``."""
         (down, up), = self._current_factors([adapter_name])
-        x = self.adapter_dropout[adapter_name](self._cast_input_dtype(x, down.dtype))
+        x = self._cast_input_dtype(x, down.dtype)
+        if self.adapter_dropout[adapter_name] > 0:
+            x = F.dropout(x, self.adapter_dropout[adapter_name], self.training)
         scale = self.scaling[adapter_name]
         if self.is_conv2d:
             delta = self.get_base_layer()._conv_forward(x, self._conv_kernel(down, up) * scale, None)

@@ -40,6 +40,12 @@ class BasisSpec:
     streams_B: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=4096)
+def _basis_spec(*fields) -> BasisSpec:
+    # One object per distinct spec: every adapter loaded onto a layer shares it (memory of many resident adapters).
+    return BasisSpec(*fields)
+
+
 class _BasisCombination(torch.autograd.Function):
     """``rows (M, k) @ basis (k, n)`` with the gradient for ``rows`` only.
 
@@ -307,7 +313,7 @@ class NolaLayer(LowRankLayer):
         else:
             streams_A = tuple(f"A/{self.module_key}/{block}" for block in adapt)
             streams_B = tuple(f"B/{self.module_key}/{block}" for block in adapt)
-        self.basis_spec[adapter_name] = BasisSpec(
+        self.basis_spec[adapter_name] = _basis_spec(
             config.basis_seed, config.basis_mode, k, l, r * cols, block_rows * r, streams_A, streams_B
         )
         coef_A = torch.zeros(len(adapt), k)
