@@ -269,3 +269,15 @@ def test_mixed_batch_of_another_length_than_the_batch_raises_before_any_work():
     with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but "
                                          "got 16 and 15 respectively"):
         model(ids(15), adapter_names=names)
+
+
+def test_the_default_budget_comes_from_the_environment(monkeypatch):
+    from peft_nola.tuners.lowrank import DEFAULT_FACTOR_CACHE_BYTES, FACTOR_CACHE_ENV, FactorCache
+
+    monkeypatch.delenv(FACTOR_CACHE_ENV, raising=False)
+    assert FactorCache().budget == DEFAULT_FACTOR_CACHE_BYTES == 256 * 2**20
+    monkeypatch.setenv(FACTOR_CACHE_ENV, "1e6")
+    assert FactorCache().budget == 1_000_000
+    monkeypatch.setenv(FACTOR_CACHE_ENV, "lots")
+    with pytest.raises(ValueError, match="PEFT_NOLA_FACTOR_CACHE_BYTES must be a number of bytes"):
+        FactorCache()

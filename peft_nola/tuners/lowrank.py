@@ -656,7 +656,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
                 if layout.padded:
                     h = torch.cat([h, h.new_zeros(1, tokens, width)])
                 h = h.index_select(0, layout.gather)
-            h = h.view(len(group.names), -1, width)
+            h = h.reshape(len(group.names), -1, width)
             mids, ups = group.mids, group.ups
         else:
             mids = group.mids.index_select(0, layout.slots)
