@@ -82,8 +82,8 @@ class FactorCache:
     Building factors is the costly part of an unmerged NOLA forward (a product with the basis), and NoRA's
     ``(A B - C₀) Vᵀ`` is one too; in inference they depend only on the adapter's tensors, so each is built once and
     reused until one of those tensors changes. An entry records, per tensor it was built from, the tensor's in-place
-    version counter (bumped by optimizer steps, ``copy_``, ``load_state_dict``, quantization), its storage address,
-    dtype and device (changed by ``.to()`` and ``.data =``): any difference and the factors are built again, with
+    version counter (bumped by optimizer steps, ``copy_``, ``load_state_dict``, quantization), its storage address
+    and dtype (changed by ``.to()`` and ``.data =``): any difference and the factors are built again, with
     the same computation and so the same bits. Writes through ``tensor.data`` bypass the version counter and are not
     seen; modify adapters through the parameters themselves. Creating or deleting an adapter and ``train()`` drop
     entries outright.
@@ -426,14 +426,23 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # ------------------------------------------------------------------------------------------ factor cache
+    #: The per-adapter containers (ParameterDict / BufferDict) an adapter's factors are computed from; their
+    #: changes invalidate cached factors.
+    factor_input_names: tuple[str, ...] = ()
+
     def _factor_inputs(self, adapter_name: str) -> list[torch.Tensor]:
-        """The tensors an adapter's factors are computed from (their changes invalidate cached factors)."""
-        return [getattr(self, name)[adapter_name] for name in self.adapter_layer_names]
+        # Read from the containers' own dicts: ParameterDict.__getitem__ and Module.__getattr__ cost microseconds,
+        # paid per layer and forward.
+        inputs = []
+        for name in self.adapter_layer_names + self.factor_input_names:
+            container = self._modules[name]
+            tensors = container._parameters if isinstance(container, nn.ParameterDict) else container._buffers
+            inputs.append(tensors[adapter_name])
+        return inputs
 
     def _factor_stamp(self, adapter_name: str) -> tuple:
-        return tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device) for t in self._factor_inputs(adapter_name)
-        )
+        # A move to another device or dtype gives the tensor new storage (another address; t.device is slow to read).
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._factor_inputs(adapter_name))
 
     def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fresh factors of several adapters; methods that can build them together override this."""

@@ -15,6 +15,7 @@ class NoraLayer(LowRankLayer):
 
     adapter_layer_names = ("nora_inner_A", "nora_inner_B")
     other_param_names = ("scaling", "output_slices", "adapter_dropout", "nora_U", "nora_Vt", "nora_core0")
+    factor_input_names = ("nora_U", "nora_Vt", "nora_core0")
     method_name = "nora"
 
     def _init_adapter_containers(self, config: NoraConfig) -> None:
@@ -72,11 +73,6 @@ class NoraLayer(LowRankLayer):
         A, B = self.nora_inner_A[adapter_name], self.nora_inner_B[adapter_name]
         U, Vt, core0 = (buffers[adapter_name].to(A.dtype) for buffers in (self.nora_U, self.nora_Vt, self.nora_core0))
         return (torch.bmm(A, B) - core0) @ Vt, U
-
-    def _factor_inputs(self, adapter_name: str) -> list[torch.Tensor]:
-        return super()._factor_inputs(adapter_name) + [
-            buffers[adapter_name] for buffers in (self.nora_U, self.nora_Vt, self.nora_core0)
-        ]
 
     def _stack_factors(self, names: list[str]) -> list[_FactorGroup]:
         # Adapters sharing the layer's frozen U_r, V_r (same outer rank) form one group: x V_r is computed once for
