@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory_methods", nargs="+", default=["nola", "lora"], choices=["nola", "lora"])
     parser.add_argument("--skip_memory", action="store_true")
-    parser.add_argument("--out", default="bench_serving.json")
+    parser.add_argument("--out", default="outputs/bench_serving.json")
     parser.add_argument("--_memory_worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_worker:
@@ -361,6 +361,7 @@ def main() -> None:
             results["memory"] += bench_memory(model_name, args.memory_adapters, args.memory_methods)
     results["targets"] = targets(results)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     text = markdown(results)
     out.with_suffix(".md").write_text(text + "\n")
