@@ -10,10 +10,16 @@ add_peft_type("NOLA")  # before the config classes are used: their __post_init__
 add_peft_type("NORA")
 
 from .basis import basis_rows, generator_fingerprint, uniform_stream  # noqa: E402
-from .quantize_adapters import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .checks import AdapterFileError, check_adapter_dir  # noqa: E402
+from .hotswap import hotswap_adapter  # noqa: E402
+from .quantize_adapters import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from .saving import save_pretrained_atomic  # noqa: E402
-from .tuners.lowrank import GPT2_QV_SLICES, check_adapter_for_model  # noqa: E402
+from .tuners.lowrank import (  # noqa: E402
+    DEFAULT_FACTOR_CACHE_BYTES,
+    GPT2_QV_SLICES,
+    check_adapter_for_model,
+    set_factor_cache_budget,
+)
 from .tuners.nola import NolaConfig, NolaLayer, NolaModel  # noqa: E402
 from .tuners.nora import NoraConfig, NoraLayer, NoraModel  # noqa: E402
 
@@ -34,6 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "AdapterFileError",
+    "DEFAULT_FACTOR_CACHE_BYTES",
     "GPT2_QV_SLICES",
     "NolaConfig",
     "NolaLayer",
@@ -46,9 +53,11 @@ __all__ = [
     "check_adapter_dir",
     "check_adapter_for_model",
     "generator_fingerprint",
+    "hotswap_adapter",
     "lora_quantization_aware",
     "quantize_coefficients",
     "quantize_lora",
     "save_pretrained_atomic",
+    "set_factor_cache_budget",
     "uniform_stream",
 ]

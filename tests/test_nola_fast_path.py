@@ -142,7 +142,7 @@ def test_one_product_per_basis_per_forward(monkeypatch):
     calls = []
     original = SharedBasisCombiner._combine
     monkeypatch.setattr(SharedBasisCombiner, "_combine",
-                        lambda self, group, adapter: calls.append(len(group)) or original(self, group, adapter))
+                        lambda self, pairs: calls.append(len(pairs)) or original(self, pairs))
     with torch.no_grad():
         model(torch.randint(1, 90, (1, 4)))
     assert calls == [len(layers)]  # every layer of the adapter in one call

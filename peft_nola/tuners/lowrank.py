@@ -19,8 +19,11 @@ can be adapted on a subset ``adapt`` of them; each adapted block ``s`` has its o
 from __future__ import annotations
 
 import math
+import functools
+import itertools
 import os
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -67,6 +70,117 @@ from ..checks import (
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d, bitsandbytes Linear8bitLt / Linear4bit"
+
+
+#: Default byte budget of a model's inference factor cache (:class:`FactorCache`); ``$PEFT_NOLA_FACTOR_CACHE_BYTES``
+#: overrides it, :func:`set_factor_cache_budget` changes it on a model.
+DEFAULT_FACTOR_CACHE_BYTES = 256 * 2**20
+FACTOR_CACHE_ENV = "PEFT_NOLA_FACTOR_CACHE_BYTES"
+
+# Every adapter created on a layer gets a fresh number: cache entries are keyed by it, so an adapter deleted and
+# loaded again under the same name (possibly into recycled memory) never meets the old adapter's factors.
+_adapter_tokens = itertools.count()
+
+
+def _budget_from_env() -> int:
+    value = os.environ.get(FACTOR_CACHE_ENV)
+    if not value:
+        return DEFAULT_FACTOR_CACHE_BYTES
+    try:
+        budget = int(float(value))
+    except ValueError:
+        raise ValueError(f"{FACTOR_CACHE_ENV} must be a number of bytes (0 turns the cache off), not {value!r}") from None
+    if budget < 0:
+        raise ValueError(f"{FACTOR_CACHE_ENV} must be >= 0 (0 turns the cache off), not {value!r}")
+    return budget
+
+
+class FactorCache:
+    """The factors of a model's adapters kept between forward passes that need no gradient (inference).
+
+    Building factors is the costly part of an unmerged NOLA forward (a product with the basis), and NoRA's
+    ``(A B - C₀) Vᵀ`` is one too; in inference they depend only on the adapter's tensors, so each is built once and
+    reused until one of those tensors changes. An entry records, per tensor it was built from, the tensor's in-place
+    version counter (bumped by optimizer steps, ``copy_``, ``load_state_dict``, quantization), its storage address
+    and dtype (changed by ``.to()`` and ``.data =``): any difference and the factors are built again, with
+    the same computation and so the same bits. Writes through ``tensor.data`` bypass the version counter and are not
+    seen; modify adapters through the parameters themselves. Creating or deleting an adapter and ``train()`` drop
+    entries outright.
+
+    Bounded: least recently used adapters are evicted first, whole (all their layers), once the factors held exceed
+    ``budget`` bytes (:data:`DEFAULT_FACTOR_CACHE_BYTES`, ``$PEFT_NOLA_FACTOR_CACHE_BYTES``, or
+    :func:`set_factor_cache_budget`; 0 turns caching off). An adapter's factors cost what LoRA's A and B of the same
+    rank cost.
+    """
+
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = _budget_from_env() if budget is None else budget
+        self.entries: OrderedDict[str, dict[int, tuple]] = OrderedDict()  # adapter -> {token: (stamp, factors)}
+        self.sizes: dict[str, int] = {}
+        self.nbytes = 0
+
+    def usable(self) -> bool:
+        """Whether factors may come from the cache now: no gradient wanted and not being traced by torch.compile
+        (compiled graphs build factors inside the graph; the bookkeeping here is Python)."""
+        return self.budget > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def lookup(self, token: int, adapter_name: str, stamp: tuple) -> Optional[tuple]:
+        entry = self.entries.get(adapter_name)
+        item = entry.get(token) if entry is not None else None
+        if item is None or item[0] != stamp:
+            return None
+        self.entries.move_to_end(adapter_name)
+        return item[1]
+
+    def store(self, token: int, adapter_name: str, stamp: tuple, factors: tuple) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in factors)
+        if nbytes > self.budget:
+            return
+        self.discard(token, adapter_name)
+        self.entries.setdefault(adapter_name, {})[token] = (stamp, factors)
+        self.entries.move_to_end(adapter_name)
+        self.sizes[adapter_name] = self.sizes.get(adapter_name, 0) + nbytes
+        self.nbytes += nbytes
+        while self.nbytes > self.budget:
+            oldest = next(iter(self.entries))
+            self.drop(oldest)
+
+    def discard(self, token: int, adapter_name: str) -> None:
+        """Forget one layer's factors of ``adapter_name``."""
+        entry = self.entries.get(adapter_name)
+        if entry is None or token not in entry:
+            return
+        nbytes = sum(t.numel() * t.element_size() for t in entry.pop(token)[1])
+        self.sizes[adapter_name] -= nbytes
+        self.nbytes -= nbytes
+        if not entry:
+            self.drop(adapter_name)
+
+    def drop(self, adapter_name: str) -> None:
+        """Forget every layer's factors of ``adapter_name``."""
+        self.entries.pop(adapter_name, None)
+        self.nbytes -= self.sizes.pop(adapter_name, 0)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.sizes.clear()
+        self.nbytes = 0
+
+
+def set_factor_cache_budget(model: nn.Module, budget_bytes: int) -> None:
+    """Set the byte budget of the inference factor cache of every NOLA/NoRA tuner in ``model`` (a ``PeftModel`` or a
+    model with injected adapters); 0 turns caching off. Entries beyond the new budget are evicted at once."""
+    require_int("budget_bytes", budget_bytes, 0)
+    found = False
+    for module in model.modules():
+        if isinstance(module, LowRankTuner):
+            found = True
+            cache = module.factor_cache
+            cache.budget = budget_bytes
+            while cache.nbytes > cache.budget and cache.entries:
+                cache.drop(next(iter(cache.entries)))
+    if not found:
+        raise ValueError("set_factor_cache_budget: the model has no NOLA or NoRA adapters")
 
 
 def require_int(name: str, value: Any, minimum: int) -> None:
@@ -368,7 +482,9 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.scaling: dict[str, float] = {}
         self.output_slices: dict[str, tuple[int, tuple[int, ...]]] = {}
-        self.adapter_dropout = nn.ModuleDict({})
+        # Dropout probabilities, applied functionally: a module per adapter and layer would make every module walk
+        # (peft does several per load_adapter) grow with the number of loaded adapters.
+        self.adapter_dropout: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
@@ -403,18 +519,85 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         if splits > 1 and self.is_conv2d:
             raise ValueError(f"output_slices cannot be used on the Conv2d layer '{self.module_key}'")
         scale, dropout = self._scale_and_dropout(config)
+        self._factor_cache = kwargs.pop("factor_cache", None)
+        if not hasattr(self, "_factor_tokens"):
+            self._factor_tokens: dict[str, int] = {}
+            self._batch_plan = None  # the stacked factors of the last mixed batch (see _grouped_factors)
+        self._forget_factors(adapter_name)
+        self._factor_tokens[adapter_name] = next(_adapter_tokens)
         self.output_slices[adapter_name] = (splits, adapt)
         self.scaling[adapter_name] = scale
-        self.adapter_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.adapter_dropout[adapter_name] = dropout
         self._create_adapter(adapter_name, config, (self.rows // splits, self.cols), **kwargs)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    # ------------------------------------------------------------------------------------------ factor cache
+    #: The per-adapter containers (ParameterDict / BufferDict) an adapter's factors are computed from; their
+    #: changes invalidate cached factors.
+    factor_input_names: tuple[str, ...] = ()
+
+    def _factor_inputs(self, adapter_name: str) -> list[torch.Tensor]:
+        # Read from the containers' own dicts: ParameterDict.__getitem__ and Module.__getattr__ cost microseconds,
+        # paid per layer and forward.
+        inputs = []
+        for name in self.adapter_layer_names + self.factor_input_names:
+            container = self._modules[name]
+            tensors = container._parameters if isinstance(container, nn.ParameterDict) else container._buffers
+            inputs.append(tensors[adapter_name])
+        return inputs
+
+    def _factor_stamp(self, adapter_name: str) -> tuple:
+        # A move to another device or dtype gives the tensor new storage (another address; t.device is slow to read).
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._factor_inputs(adapter_name))
+
+    def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh factors of several adapters; methods that can build them together override this."""
+        return [self._factors(name) for name in adapter_names]
+
+    def _current_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(down, up)`` of each named adapter (see :meth:`_factors`): from the model's :class:`FactorCache` in
+        inference while their tensors are unchanged, else built (the missing ones together) and cached."""
+        cache = self._factor_cache
+        if cache is None or not cache.usable():
+            return self._build_factors(adapter_names)
+        found, missing = {}, []
+        for name in adapter_names:
+            stamp = self._factor_stamp(name)
+            factors = cache.lookup(self._factor_tokens[name], name, stamp)
+            if factors is None:
+                missing.append((name, stamp))
+            else:
+                found[name] = factors
+        if missing:
+            for (name, stamp), factors in zip(missing, self._build_factors([name for name, _ in missing])):
+                cache.store(self._factor_tokens[name], name, stamp, factors)
+                found[name] = factors
+        return [found[name] for name in adapter_names]
+
+    def _forget_factors(self, adapter_name: str) -> None:
+        if self._factor_cache is not None and adapter_name in self._factor_tokens:
+            self._factor_cache.discard(self._factor_tokens[adapter_name], adapter_name)
+        self._batch_plan = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            for adapter_name in list(getattr(self, "_factor_tokens", ())):
+                self._forget_factors(adapter_name)
+        return super().train(mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._forget_factors(adapter_name)
+        self._factor_tokens.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
     # ---------------------------------------------------------------------------------------------------- math
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``result`` plus the adapter's contribution to the layer's output for input ``x``."""
-        down, up = self._factors(adapter_name)
-        x = self.adapter_dropout[adapter_name](self._cast_input_dtype(x, down.dtype))
+        (down, up), = self._current_factors([adapter_name])
+        x = self._cast_input_dtype(x, down.dtype)
+        if self.adapter_dropout[adapter_name] > 0:
+            x = F.dropout(x, self.adapter_dropout[adapter_name], self.training)
         scale = self.scaling[adapter_name]
         if self.is_conv2d:
             delta = self.get_base_layer()._conv_forward(x, self._conv_kernel(down, up) * scale, None)
@@ -525,13 +708,84 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
-        result = self.base_layer(x, *args, **kwargs).clone()
-        for adapter_name in dict.fromkeys(adapter_names):
-            if adapter_name not in self.scaling:
-                continue
-            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
-            result[rows] = self._add_delta(result[rows], x[rows], adapter_name)
+        names = [name for name in dict.fromkeys(adapter_names) if name in self.scaling]
+        result = self.base_layer(x, *args, **kwargs)
+        if not names:
+            return result
+        result = result.clone()  # the base layer may hand out a tensor it keeps (bitsandbytes), or a view
+        if self.is_conv2d:  # kernels differ per sample: one convolution per adapter
+            for adapter_name in names:
+                rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+                result[rows] = self._add_delta(result[rows], x[rows], adapter_name)
+            return result
+        for group in self._grouped_factors(names):
+            samples, delta = self._grouped_delta(x, adapter_names, group)
+            if samples is None:
+                result += delta.to(result.dtype)
+            else:
+                result.index_add_(0, samples, delta.to(result.dtype))
         return result
+
+    def _grouped_factors(self, names: list[str]) -> list["_FactorGroup"]:
+        """The factors of the adapters ``names`` stacked for one batched product per group of adapters with equal
+        shapes (usually one group); kept for the next call while the adapters' tensors are unchanged (every
+        decoding step of ``generate`` uses the same adapters)."""
+        cache = self._factor_cache
+        reuse = cache is not None and cache.usable()
+        if reuse:
+            key = tuple((name, self._factor_tokens[name], self._factor_stamp(name), self.scaling[name]) for name in names)
+            if self._batch_plan is not None and self._batch_plan[0] == key:
+                return self._batch_plan[1]
+        groups = self._stack_factors(names)
+        self._batch_plan = (key, groups) if reuse else None
+        return groups
+
+    def _stack_factors(self, names: list[str]) -> list["_FactorGroup"]:
+        """Default grouping: adapters whose factors have equal shapes and output slices; the update of sample ``i``
+        is ``x_i downs[g]ᵀ ups[g]ᵀ`` with the adapter's scale folded into ``ups``."""
+        groups: dict[tuple, list] = {}
+        for name, (down, up) in zip(names, self._current_factors(names)):
+            groups.setdefault((tuple(down.shape), tuple(up.shape), self.output_slices[name]), []).append((name, down, up))
+        stacked = []
+        for members in groups.values():
+            downs = torch.stack([down.reshape(-1, self.cols) for _, down, _ in members])
+            ups = torch.stack([self._full_up(up, name) * self.scaling[name] for name, _, up in members])
+            stacked.append(_FactorGroup(tuple(name for name, _, _ in members), None, downs, ups, None))
+        return stacked
+
+    def _grouped_delta(self, x: torch.Tensor, adapter_names: list[str], group: "_FactorGroup"):
+        """``(samples, delta)``: the update of every sample of the batch that uses an adapter of ``group``
+        (``samples`` None: all of them, in order), by batched products over the samples gathered per adapter, as
+        Punica's SGMV/BGMV kernels do: the samples of one adapter form a segment, and equal-length segments (padded
+        where that adds little) go through one ``bmm`` against the stacked factors without copying them per sample;
+        otherwise each sample's factors are gathered (BGMV)."""
+        layout = _sample_layout(tuple(adapter_names), group.names, x.device)
+        h = self._cast_input_dtype(x, group.mids.dtype)
+        h = h.reshape(h.shape[0], -1, self.cols)  # (batch, tokens, cols)
+        if layout.samples is not None:
+            h = h.index_select(0, layout.samples)
+        if group.pre is not None:
+            h = h @ group.pre.T  # shared by every adapter of the group: one product for the batch
+        tokens, width = h.shape[1], h.shape[2]
+        if layout.slots is None:
+            if layout.gather is not None:
+                if layout.padded:
+                    h = torch.cat([h, h.new_zeros(1, tokens, width)])
+                h = h.index_select(0, layout.gather)
+            h = h.reshape(len(group.names), -1, width)
+            mids, ups = group.mids, group.ups
+        else:
+            mids = group.mids.index_select(0, layout.slots)
+            ups = group.ups.index_select(0, layout.slots) if group.ups is not None else None
+        h = torch.bmm(h, mids.mT)
+        if ups is not None:
+            h = torch.bmm(h, ups.mT)
+        h = h.reshape(-1, tokens, h.shape[-1])
+        if layout.back is not None:
+            h = h.index_select(0, layout.back)
+        if group.post is not None:
+            h = h @ group.post.T
+        return layout.samples, h.reshape(h.shape[0], *x.shape[1:-1], self.rows)
 
     def __repr__(self) -> str:
         return f"{self.method_name}." + super().__repr__()
@@ -608,6 +862,55 @@ def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_n
     expected = {key: (tuple(t.shape), _dtype_names(t.dtype)) for key, t in current.items()}
     check_declared_tensors(checked.entries, expected, path / "adapter_model.safetensors")
     return checked
+
+
+@dataclass(frozen=True)
+class _FactorGroup:
+    """Stacked factors of adapters sharing shapes: the update of a sample using ``names[g]`` is
+    ``((x preᵀ) mids[g]ᵀ ups[g]ᵀ) postᵀ``, where ``pre``/``post`` (shared by the group) and ``ups`` may be None."""
+
+    names: tuple
+    pre: Optional[torch.Tensor]
+    mids: torch.Tensor
+    ups: Optional[torch.Tensor]
+    post: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _SampleLayout:
+    samples: Optional[torch.Tensor]  # batch positions using the group (None: all, in order)
+    gather: Optional[torch.Tensor]  # rows of the segment layout (adapter-major) taken from those samples; n = padding
+    padded: bool
+    back: Optional[torch.Tensor]  # row of each sample in the flattened product's output
+    slots: Optional[torch.Tensor]  # per-sample adapter index, when segments are not used
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_layout(adapter_names: tuple, group_names: tuple, device: torch.device) -> _SampleLayout:
+    # Computed once per batch composition (every layer and decoding step reuses it); index tensors are made here, not
+    # in each layer's forward. None marks an identity, which is skipped.
+    index = {name: i for i, name in enumerate(group_names)}
+    positions = [i for i, name in enumerate(adapter_names) if name in index]
+    n = len(positions)
+    per_adapter = [[] for _ in group_names]
+    for j, i in enumerate(positions):
+        per_adapter[index[adapter_names[i]]].append(j)
+    longest = max(len(rows) for rows in per_adapter)
+    samples = None if n == len(adapter_names) else torch.tensor(positions, device=device)
+
+    def tensor_unless_identity(values):
+        return None if values == list(range(len(values))) else torch.tensor(values, device=device)
+
+    if longest * len(group_names) <= 1.5 * n:
+        gather = [j for rows in per_adapter for j in rows + [n] * (longest - len(rows))]
+        back = [0] * n
+        for row, j in enumerate(gather):
+            if j < n:
+                back[j] = row
+        return _SampleLayout(samples, tensor_unless_identity(gather), longest * len(group_names) > n,
+                             tensor_unless_identity(back), None)
+    slots = torch.tensor([index[adapter_names[i]] for i in positions], device=device)
+    return _SampleLayout(samples, None, False, None, slots)
 
 
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
@@ -760,6 +1063,12 @@ class LowRankTuner(BaseTuner):
     def _check_layer(self, peft_config: PeftConfig, key: str, block_rows: int, cols: int) -> None:
         """Method-specific checks of one targeted weight block of shape ``(block_rows, cols)``."""
 
+    def _hotswap_signature(self, peft_config: PeftConfig) -> dict:
+        """What must be equal for one adapter's values to replace another's in place (``peft_nola.hotswap_adapter``);
+        fingerprints are those ``_check_targets`` filled in for this model."""
+        return {"peft_type": peft_config.peft_type, "layout_fingerprint": peft_config.layout_fingerprint,
+                "r": peft_config.r}
+
     def _layout_fields(self, peft_config: PeftConfig) -> list:
         """Config values that change the adapter's tensor shapes, recorded in the layout fingerprint."""
         return [peft_config.r]
@@ -877,8 +1186,16 @@ class LowRankTuner(BaseTuner):
         return tensors
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
-        """Extra keyword arguments the method's layer needs (e.g. a shared basis store)."""
-        return {}
+        """Keyword arguments for the method's layer: the model's factor cache, and what the method adds (e.g. a
+        shared basis store)."""
+        return {"factor_cache": self.factor_cache}
+
+    @property
+    def factor_cache(self) -> FactorCache:
+        """The model's inference :class:`FactorCache` (created with the first adapter)."""
+        if "_factor_cache" not in self.__dict__:
+            self.__dict__["_factor_cache"] = FactorCache()
+        return self.__dict__["_factor_cache"]
 
     def add_weighted_adapter(self, *args, **kwargs):
         # peft's PeftModel forwards unknown attributes to the tuner; without this, the call fails as an

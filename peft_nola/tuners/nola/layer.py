@@ -41,6 +41,12 @@ class BasisSpec:
     streams_B: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=4096)
+def _basis_spec(*fields) -> BasisSpec:
+    # One object per distinct spec: every adapter loaded onto a layer shares it (memory of many resident adapters).
+    return BasisSpec(*fields)
+
+
 class _BasisCombination(torch.autograd.Function):
     """``rows (M, k) @ basis (k, n)`` with the gradient for ``rows`` only.
 
@@ -61,45 +67,68 @@ class _BasisCombination(torch.autograd.Function):
             return grad @ ctx.basis.T, None
 
 
-class _OnTheFlyCombination(torch.autograd.Function):
-    """``rows[s] @ basis_s`` for one basis stream per row, the basis generated in forward and again in backward.
+# The on-the-fly combination is a torch custom operator: torch.compile treats it as one opaque call (with the shape
+# rule below), so graphs of the per-layer mode neither trace the basis generator's integer arithmetic nor break.
+@torch.library.custom_op("peft_nola::combine_on_the_fly", mutates_args=())
+def combine_on_the_fly(rows: torch.Tensor, seed: int, streams: str, numel: int) -> torch.Tensor:
+    """``rows[s] @ basis_s (M, numel)`` for one basis stream per row of ``rows (M, k)`` (``streams``: their names,
+    one per line: an operator's schema has no list of strings), the basis generated now.
 
-    Nothing of the basis is kept. On CUDA with Triton one fused kernel generates each tile of every stream's basis in
-    registers and multiplies it in (:mod:`peft_nola.kernels`); elsewhere each stream's basis is generated in chunks
-    and multiplied chunk by chunk (memory: one chunk), the gradient ``basis @ grad`` likewise.
+    Nothing of the basis is kept; the gradient generates it again. On CUDA with Triton one fused kernel generates
+    each tile of every stream's basis in registers and multiplies it in (:mod:`peft_nola.kernels`); elsewhere each
+    stream's basis is generated in chunks and multiplied chunk by chunk (memory: one chunk).
     """
+    num_basis, streams = rows.shape[1], streams.split("\n")
+    with _no_autocast(rows):
+        if kernels.available(rows.device):
+            return kernels.combine(rows, _device_keys(seed, tuple(streams), rows.device), numel, basis_scale(num_basis))
+        outs = []
+        for coef, stream in zip(rows, streams):
+            out = None
+            for start, basis in _chunks(seed, stream, num_basis, numel, rows.device, rows.dtype):
+                part = coef[start : start + basis.shape[0]] @ basis
+                out = part if out is None else out + part
+            outs.append(out)
+        return torch.stack(outs)
 
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, seed: int, streams: tuple[str, ...], numel: int) -> torch.Tensor:
-        num_basis = rows.shape[1]
-        ctx.basis_args = (seed, streams, num_basis, numel)
-        ctx.dtype = rows.dtype
-        with _no_autocast(rows):
-            if kernels.available(rows.device):
-                return kernels.combine(rows, _device_keys(seed, streams, rows.device), numel, basis_scale(num_basis))
-            outs = []
-            for coef, stream in zip(rows, streams):
-                out = None
-                for start, basis in _chunks(seed, stream, num_basis, numel, rows.device, rows.dtype):
-                    part = coef[start : start + basis.shape[0]] @ basis
-                    out = part if out is None else out + part
-                outs.append(out)
-            return torch.stack(outs)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        seed, streams, num_basis, numel = ctx.basis_args
-        grad_out = grad_out.to(ctx.dtype)
-        with _no_autocast(grad_out):
-            if kernels.available(grad_out.device):
-                keys = _device_keys(seed, streams, grad_out.device)
-                grad = kernels.combine_grad(grad_out, keys, num_basis, basis_scale(num_basis))
-            else:
-                grad = torch.stack([
-                    torch.cat([basis @ g for _, basis in _chunks(seed, stream, num_basis, numel, g.device, g.dtype)])
-                    for g, stream in zip(grad_out, streams)
-                ])
-        return grad, None, None, None
+@combine_on_the_fly.register_fake
+def _(rows, seed, streams, numel):
+    return rows.new_empty(rows.shape[0], numel)
+
+
+@torch.library.custom_op("peft_nola::combine_on_the_fly_grad", mutates_args=())
+def combine_on_the_fly_grad(grad_out: torch.Tensor, seed: int, streams: str, num_basis: int) -> torch.Tensor:
+    """The gradient of :func:`combine_on_the_fly` for its ``rows``: ``grad_out[s] @ basis_sᵀ (M, num_basis)``."""
+    streams = streams.split("\n")
+    with _no_autocast(grad_out):
+        if kernels.available(grad_out.device):
+            keys = _device_keys(seed, tuple(streams), grad_out.device)
+            return kernels.combine_grad(grad_out, keys, num_basis, basis_scale(num_basis))
+        numel = grad_out.shape[1]
+        return torch.stack([
+            torch.cat([basis @ g for _, basis in _chunks(seed, stream, num_basis, numel, g.device, g.dtype)])
+            for g, stream in zip(grad_out, streams)
+        ])
+
+
+@combine_on_the_fly_grad.register_fake
+def _(grad_out, seed, streams, num_basis):
+    return grad_out.new_empty(grad_out.shape[0], num_basis)
+
+
+def _combine_on_the_fly_setup(ctx, inputs, output):
+    rows, seed, streams, _ = inputs
+    ctx.basis_args = (seed, streams, rows.shape[1])
+    ctx.dtype = rows.dtype
+
+
+def _combine_on_the_fly_backward(ctx, grad_out):
+    seed, streams, num_basis = ctx.basis_args
+    return combine_on_the_fly_grad(grad_out.to(ctx.dtype).contiguous(), seed, streams, num_basis), None, None, None
+
+
+combine_on_the_fly.register_autograd(_combine_on_the_fly_backward, setup_context=_combine_on_the_fly_setup)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -163,19 +192,26 @@ class SharedBasisCombiner:
     def unregister(self, layer: "NolaLayer", adapter_name: str) -> None:
         self.layers[adapter_name] = [other for other in self.layers.get(adapter_name, []) if other is not layer]
 
-    def factors(self, layer: "NolaLayer", adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(down_flat (S, numel_A), up_flat (S, numel_B))`` of ``layer`` for ``adapter_name``."""
+    def factors(self, layer: "NolaLayer", adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(down_flat (S, numel_A), up_flat (S, numel_B))`` of ``layer`` for each of ``adapter_names``; in a
+        forward pass every layer's factors of every adapter not yet built are built together (one product per basis
+        for all of them)."""
         if self.depth == 0:
-            return self._combine([layer], adapter_name)[id(layer)]
-        key = (adapter_name, torch.is_grad_enabled())
-        if key not in self.cache:
-            layers = self.layers.get(adapter_name, [])
-            if any(_is_shard(other, adapter_name) for other in layers):
+            combined = self._combine([(layer, name) for name in adapter_names])
+            return [combined[id(layer), name] for name in adapter_names]
+        grad = torch.is_grad_enabled()
+        missing = [name for name in adapter_names if (name, grad) not in self.cache]
+        if missing:
+            pairs = [(other, name) for name in missing for other in self.layers.get(name, [])]
+            if any(_is_shard(other, name) for other, name in pairs):
                 # FSDP/ZeRO-3 with a unit per block: other blocks' coefficients are still sharded while this block
                 # runs, so each layer is combined on its own (one basis read per layer).
-                return self._combine([layer], adapter_name)[id(layer)]
-            self.cache[key] = self._combine(layers, adapter_name)
-        return self.cache[key][id(layer)]
+                combined = self._combine([(layer, name) for name in adapter_names])
+                return [combined[id(layer), name] for name in adapter_names]
+            combined = self._combine(pairs)
+            for name in missing:
+                self.cache[name, grad] = {id(other): combined[id(other), name] for other in self.layers.get(name, [])}
+        return [self.cache[name, grad][id(layer)] for name in adapter_names]
 
     def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
         """The basis of ``stream`` from the store, generated on first use in float32 and cast once.
@@ -193,18 +229,20 @@ class SharedBasisCombiner:
             self.store[key] = basis
         return self.store[key]
 
-    def _combine(self, layers: list["NolaLayer"], adapter_name: str) -> dict:
+    def _combine(self, pairs: list[tuple["NolaLayer", str]]) -> dict:
+        """``{(layer id, adapter name): (down_flat, up_flat)}`` for the ``(layer, adapter name)`` pairs."""
         # Each layer's coefficient tensor (S, k) is cut into runs of blocks that use the same basis stream (the whole
-        # tensor in shared mode, single blocks in per-layer mode); all runs of one stored basis are stacked into one
-        # product, and all blocks of one basis size generated on the fly (per-layer mode) into one combination.
-        groups: dict[tuple, list] = {}  # basis key -> [((layer id, factor), position in parts, rows (n, k), streams)]
-        parts: dict[tuple, list] = {}  # (layer id, factor) -> the combined runs, in block order
-        for layer in layers:
+        # tensor in shared mode, single blocks in per-layer mode); all runs of one stored basis (of every layer and
+        # adapter) are stacked into one product, and all blocks of one basis size generated on the fly (per-layer
+        # mode) into one combination.
+        groups: dict[tuple, list] = {}  # basis key -> [(owner, position in parts, rows (n, k), streams)]
+        parts: dict[tuple, list] = {}  # (layer id, adapter name, factor) -> the combined runs, in block order
+        for layer, adapter_name in pairs:
             spec = layer.basis_spec[adapter_name]
             coefficients = layer._effective_coefficients(adapter_name)
             for factor, coef, streams, numel in zip("AB", coefficients, (spec.streams_A, spec.streams_B),
                                                     (spec.numel_A, spec.numel_B)):
-                owner = (id(layer), factor)
+                owner = (id(layer), adapter_name, factor)
                 parts[owner] = []
                 start = 0
                 while start < len(streams):
@@ -222,8 +260,8 @@ class SharedBasisCombiner:
             seed, stream, num_basis, numel, _, _ = key
             stacked = members[0][2] if len(members) == 1 else torch.cat([rows for _, _, rows, _ in members])
             if stream is None:
-                streams = tuple(name for *_, names in members for name in names)
-                combined = _OnTheFlyCombination.apply(stacked, seed, streams, numel)
+                streams = "\n".join(name for *_, names in members for name in names)
+                combined = combine_on_the_fly(stacked, seed, streams, numel)
             else:
                 basis = self.basis(seed, stream, num_basis, numel, stacked)
                 combined = _BasisCombination.apply(stacked, basis)
@@ -231,10 +269,11 @@ class SharedBasisCombiner:
             for (owner, position, _, _), piece in zip(members, pieces):
                 parts[owner][position] = piece
         return {
-            id(layer): tuple(
-                runs[0] if len(runs) == 1 else torch.cat(runs) for runs in (parts[id(layer), "A"], parts[id(layer), "B"])
+            (id(layer), name): tuple(
+                runs[0] if len(runs) == 1 else torch.cat(runs)
+                for runs in (parts[id(layer), name, "A"], parts[id(layer), name, "B"])
             )
-            for layer in layers
+            for layer, name in pairs
         }
 
 
@@ -275,7 +314,7 @@ class NolaLayer(LowRankLayer):
         else:
             streams_A = tuple(f"A/{self.module_key}/{block}" for block in adapt)
             streams_B = tuple(f"B/{self.module_key}/{block}" for block in adapt)
-        self.basis_spec[adapter_name] = BasisSpec(
+        self.basis_spec[adapter_name] = _basis_spec(
             config.basis_seed, config.basis_mode, k, l, r * cols, block_rows * r, streams_A, streams_B
         )
         coef_A = torch.zeros(len(adapt), k)
@@ -306,7 +345,12 @@ class NolaLayer(LowRankLayer):
         return coef_A, coef_B
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.basis_spec[adapter_name]
-        down, up = self._combiner.factors(self, adapter_name)
-        num_blocks, r = down.shape[0], spec.numel_A // self.cols
-        return down.view(num_blocks, r, self.cols), up.view(num_blocks, spec.numel_B // r, r)
+        return self._build_factors([adapter_name])[0]
+
+    def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shaped = []
+        for name, (down, up) in zip(adapter_names, self._combiner.factors(self, adapter_names)):
+            spec = self.basis_spec[name]
+            num_blocks, r = down.shape[0], spec.numel_A // self.cols
+            shaped.append((down.view(num_blocks, r, self.cols), up.view(num_blocks, spec.numel_B // r, r)))
+        return shaped

@@ -67,7 +67,7 @@ class NolaModel(LowRankTuner):
             return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _layer_kwargs(self, adapter_name: str, module_key: str) -> dict:
-        return {"combiner": self.nola_combiner}
+        return {**super()._layer_kwargs(adapter_name, module_key), "combiner": self.nola_combiner}
 
     @classmethod
     def _file_tensor_specs(cls, config: NolaConfig, num_blocks: int, block_rows, cols) -> dict[str, tuple]:
@@ -113,6 +113,15 @@ class NolaModel(LowRankTuner):
             )
         config.basis_fingerprint = fingerprint
         self._check_basis_memory(config, targets, loading)
+
+    def _hotswap_signature(self, config: NolaConfig) -> dict:
+        signature = super()._hotswap_signature(config)
+        for name in ("basis_seed", "basis_mode", "num_basis_A", "num_basis_B", "basis_fingerprint", "quantization_aware"):
+            signature[name] = getattr(config, name)
+        if config.quantization_aware:  # the forward pass quantizes at this width
+            signature["coefficient_bits"] = config.coefficient_bits
+            signature["quantization_scheme"] = config.quantization_scheme
+        return signature
 
     def _check_basis_memory(self, config: NolaConfig, targets: list[tuple[str, nn.Module]], loading=False) -> None:
         """Refuse, before any module is replaced, a config whose basis, coefficients and per-layer factors would not

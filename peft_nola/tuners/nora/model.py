@@ -51,6 +51,12 @@ class NoraModel(LowRankTuner):
     def _layout_fields(self, config: NoraConfig) -> list:
         return [config.r, config.inner_r]
 
+    def _hotswap_signature(self, config: NoraConfig) -> dict:
+        signature = super()._hotswap_signature(config)
+        for name in ("inner_r", "store_outer_factors", "svd_method"):
+            signature[name] = getattr(config, name)
+        return signature
+
     def _check_targets(self, config: NoraConfig, targets: list[tuple[str, nn.Module]]) -> None:
         super()._check_targets(config, targets)
         if config.store_outer_factors or not targets:
