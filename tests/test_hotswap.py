@@ -82,7 +82,7 @@ def test_other_method_altered_file_other_base_and_merged_adapters_are_refused(tm
     first = saved(tmp_path, "first", "shared", seed=1)
     model, x = loaded(first), ids()
     before = logits(model, x)
-    with pytest.raises(ValueError, match="does not know"):
+    with pytest.raises(ValueError, match="belongs to another method"):
         hotswap_adapter(model, saved(tmp_path, "nora", "nora", seed=2))
     altered = saved(tmp_path, "altered", "shared", seed=2)
     config_file = altered / "adapter_config.json"
