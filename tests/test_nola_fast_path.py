@@ -11,7 +11,7 @@ import torch
 from peft import get_peft_model
 
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NolaLayer, basis_rows
-from peft_nola.tuners.nola.layer import SharedBasisCombiner, _BasisCombination
+from peft_nola.tuners.nola.layer import SharedBasisCombiner, _BasisCombination, nola_factors
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -67,6 +67,18 @@ def test_combination_and_its_gradient_are_the_definition_for_any_number_of_stack
     combined.backward(grads)
     assert_within_dot_bound(combined, coef.detach().double(), basis.double())  # Σ_i coef_i · basis_i
     assert_within_dot_bound(coef.grad, grads.double(), basis.double().T)  # d/dcoef_i = <grad, basis_i>
+
+
+def test_the_reference_function_is_the_papers_sum_of_basis_matrices():
+    # A = Σ_i α_i A_i with each A_i an (r, cols) matrix, B = Σ_j β_j B_j with each B_j (rows, r), written as loops.
+    k, l, r, rows, cols = 5, 4, 3, 7, 6
+    alpha, beta = torch.randn(k, dtype=torch.float64), torch.randn(l, dtype=torch.float64)
+    mats_A, mats_B = torch.randn(k, r, cols, dtype=torch.float64), torch.randn(l, rows, r, dtype=torch.float64)
+    A = sum(alpha[i] * mats_A[i] for i in range(k))
+    B = sum(beta[j] * mats_B[j] for j in range(l))
+    down, up = nola_factors(alpha, beta, mats_A.reshape(k, -1), mats_B.reshape(l, -1), r)
+    torch.testing.assert_close(down, A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(up, B, rtol=1e-12, atol=1e-12)
 
 
 def definition_factors(layer):
@@ -178,8 +190,7 @@ def test_merging_all_layers_at_once_gives_each_layers_definition(basis_mode):
     model.merge_adapter()
     for layer in layers:
         (coef_A, basis_A), (coef_B, basis_B) = definition_factors(layer)  # one block per layer here
-        down = (coef_A @ basis_A).view(-1, layer.cols)
-        up = (coef_B @ basis_B).view(layer.rows, -1)
+        down, up = nola_factors(coef_A, coef_B, basis_A, basis_B, layer.basis_spec["default"].r)
         delta = layer.scaling["default"] * up @ down
         merged = layer.get_base_layer().weight.detach().double()
         # float32 rounding of the factors (bound above), their product and the sum with the weight

@@ -33,12 +33,25 @@ class BasisSpec:
 
     seed: int
     mode: str
+    r: int
     num_basis_A: int
     num_basis_B: int
     numel_A: int  # r * cols: one A_i, flattened (r, cols)
     numel_B: int  # block_rows * r: one B_j, flattened (block_rows, r)
     streams_A: tuple[str, ...]
     streams_B: tuple[str, ...]
+
+
+def nola_factors(alpha: torch.Tensor, beta: torch.Tensor, basis_A: torch.Tensor, basis_B: torch.Tensor,
+                 r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NOLA's factors by their definition, for one adapted weight block: ``A = Σᵢ αᵢ Aᵢ`` and ``B = Σⱼ βⱼ Bⱼ``.
+
+    ``alpha (k,)``, ``basis_A (k, r·cols)`` (row ``i`` is ``Aᵢ`` flattened), ``beta (l,)``, ``basis_B (l, rows·r)``;
+    returns ``A (r, cols)`` and ``B (rows, r)``, and the block's update is ``nola_alpha / r · B @ A``. The layers compute
+    the same sums faster (:class:`SharedBasisCombiner`: all layers sharing a basis in one product, the basis generated
+    on the fly in the per-layer mode); ``tests/test_nola_fast_path.py`` holds every path to this function.
+    """
+    return (alpha @ basis_A).view(r, -1), (beta @ basis_B).view(-1, r)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -315,7 +328,7 @@ class NolaLayer(LowRankLayer):
             streams_A = tuple(f"A/{self.module_key}/{block}" for block in adapt)
             streams_B = tuple(f"B/{self.module_key}/{block}" for block in adapt)
         self.basis_spec[adapter_name] = _basis_spec(
-            config.basis_seed, config.basis_mode, k, l, r * cols, block_rows * r, streams_A, streams_B
+            config.basis_seed, config.basis_mode, r, k, l, r * cols, block_rows * r, streams_A, streams_B
         )
         coef_A = torch.zeros(len(adapt), k)
         coef_B = torch.zeros(len(adapt), l)
@@ -350,7 +363,6 @@ class NolaLayer(LowRankLayer):
     def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shaped = []
         for name, (down, up) in zip(adapter_names, self._combiner.factors(self, adapter_names)):
-            spec = self.basis_spec[name]
-            num_blocks, r = down.shape[0], spec.numel_A // self.cols
-            shaped.append((down.view(num_blocks, r, self.cols), up.view(num_blocks, spec.numel_B // r, r)))
+            num_blocks, r = down.shape[0], self.basis_spec[name].r
+            shaped.append((down.view(num_blocks, r, self.cols), up.view(num_blocks, -1, r)))
         return shaped
