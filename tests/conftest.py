@@ -96,7 +96,7 @@ def train_with_trainer(model, output_dir, learning_rate: float, epochs: int = 6)
     return before, mean_loss()
 
 
-def assert_mixed_batch_matches_single_adapters(model, token_ids, names):
+def assert_mixed_batch_matches_single_adapters(model, token_ids, names, atol=1e-6, rtol=0.0):
     """Sample i run with ``adapter_names[i]`` in one batch equals it run alone with that adapter (or none)."""
     with torch.no_grad():
         mixed = model(token_ids, adapter_names=names).logits
@@ -107,7 +107,7 @@ def assert_mixed_batch_matches_single_adapters(model, token_ids, names):
             else:
                 model.set_adapter(name)
                 single = model(token_ids[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], single, atol=1e-6, rtol=0)
+            torch.testing.assert_close(mixed[i : i + 1], single, atol=atol, rtol=rtol)
 
 
 def seeded(module_cls, seed: int = 0):

@@ -189,10 +189,10 @@ def add_tensor(key, shape):
     return fn
 
 
-def replace_weights(kind: str):
-    """The weights path replaced by something that is not a regular file."""
+def replace_file(name: str, kind: str):
+    """The file ``name`` replaced by something that is not a regular file (or removed, or emptied)."""
     def mutate(d):
-        path = d / WEIGHTS
+        path = d / name
         path.unlink()
         if kind == "dir":
             path.mkdir()
@@ -202,23 +202,9 @@ def replace_weights(kind: str):
             path.symlink_to(d / "nowhere")
         elif kind == "loop":
             path.symlink_to(path)
-        elif kind == "missing":
-            pass
         elif kind == "empty":
             path.write_bytes(b"")
-    return mutate
-
-
-def replace_config(kind: str):
-    def mutate(d):
-        path = d / CONFIG
-        path.unlink()
-        if kind == "dir":
-            path.mkdir()
-        elif kind == "fifo":
-            os.mkfifo(path)
-        elif kind == "dangling":
-            path.symlink_to(d / "nowhere")
+        # "missing": removed
     return mutate
 
 
@@ -312,7 +298,7 @@ CASES = [
     ("flip-modules-to-save-tensor", "nola", flip_byte("coef", "lm_head"), R),
     ("truncate-7-bytes", "nola", lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:-7]), R),
     ("truncate-to-4-bytes", "nola", lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:4]), R),
-    ("empty-weights", "nola", replace_weights("empty"), R),
+    ("empty-weights", "nola", replace_file(WEIGHTS, "empty"), R),
     ("append-garbage", "nola", lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes() + b"\x00junk"), R),
     ("header-negative-dim", "nola", header_edit(set_dim(-1)), R),
     ("header-string-dim", "nola", header_edit(set_dim("1")), R),
@@ -361,11 +347,11 @@ CASES = [
     ("modules-to-save-tensor-missing-unchecked", "nola", then(tensors_edit(
         lambda t: t.pop("base_model.model.lm_head.weight")), UNCHECKED), R),
     # --- the weights path is not a regular file
-    ("weights-is-directory", "nola", replace_weights("dir"), R),
-    ("weights-is-fifo", "nola", replace_weights("fifo"), R),
-    ("weights-dangling-symlink", "nola", replace_weights("dangling"), R),
-    ("weights-symlink-loop", "nola", replace_weights("loop"), R),
-    ("weights-missing", "nola", replace_weights("missing"), R),
+    ("weights-is-directory", "nola", replace_file(WEIGHTS, "dir"), R),
+    ("weights-is-fifo", "nola", replace_file(WEIGHTS, "fifo"), R),
+    ("weights-dangling-symlink", "nola", replace_file(WEIGHTS, "dangling"), R),
+    ("weights-symlink-loop", "nola", replace_file(WEIGHTS, "loop"), R),
+    ("weights-missing", "nola", replace_file(WEIGHTS, "missing"), R),
     ("weights-symlink-to-valid-file", "nola", symlinked_weights, I),
     ("weights-unreadable", "nola", unreadable_weights, I if os.geteuid() == 0 else R),  # root reads anything
     ("pickle-only", "nola", pickle_only, R),
@@ -381,10 +367,10 @@ CASES = [
     ("config-int-of-4000-digits", "nola", huge_int_config(4000), R),
     ("config-int-of-5000-digits", "nola", huge_int_config(5000), PEFT_FIRST),
     ("config-2MB", "nola", lambda d: (d / CONFIG).write_bytes((d / CONFIG).read_bytes() + b" " * (2 << 20)), R),
-    ("config-is-directory", "nola", replace_config("dir"), PEFT_FIRST),
-    ("config-is-fifo", "nola", replace_config("fifo"), PEFT_FIRST),
-    ("config-dangling-symlink", "nola", replace_config("dangling"), PEFT_FIRST),
-    ("config-missing", "nola", replace_config("missing"), PEFT_FIRST),
+    ("config-is-directory", "nola", replace_file(CONFIG, "dir"), PEFT_FIRST),
+    ("config-is-fifo", "nola", replace_file(CONFIG, "fifo"), PEFT_FIRST),
+    ("config-dangling-symlink", "nola", replace_file(CONFIG, "dangling"), PEFT_FIRST),
+    ("config-missing", "nola", replace_file(CONFIG, "missing"), PEFT_FIRST),
     ("config-unknown-key", "nola", edit(basis_scale=2.0), R),
     # --- peft_type edited
     ("peft-type-LORA", "nola", edit(peft_type="LORA"), {"pretrained": "different", "existing": R}),

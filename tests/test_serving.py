@@ -12,7 +12,7 @@ from peft_nola import (NolaConfig, NolaLayer, NoraConfig, NoraLayer, quantize_co
                        set_factor_cache_budget)
 from peft_nola.tuners.nola.layer import SharedBasisCombiner
 
-from .conftest import tiny_llama
+from .conftest import assert_mixed_batch_matches_single_adapters, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -201,18 +201,8 @@ def test_the_cache_stays_within_its_budget_and_evicts_least_recently_used(monkey
 
 
 # ------------------------------------------------------------------------------------------------ mixed batches
-def assert_matches_per_sample(model, x, names, atol=1e-5):
-    with torch.no_grad():
-        mixed = model(x, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(x[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(x[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], single, atol=atol, rtol=1e-5)
-        return mixed
+def assert_matches_per_sample(model, x, names):
+    assert_mixed_batch_matches_single_adapters(model, x, names, atol=1e-5, rtol=1e-5)
 
 
 # Equal segments (each adapter once, or as often as every other), uneven ones (gathered per sample), and __base__.
