@@ -108,6 +108,37 @@ def kill_during_saves(folder: Path, mode: str, kills: int, kill_when_torn: bool 
     return results
 
 
+STAGED_SAVE = """
+import os, sys, time, torch
+from peft import get_peft_model
+from peft_nola import NolaConfig, save_pretrained_atomic
+from tests.conftest import TinyMLP
+
+os.replace = lambda *args, **kwargs: time.sleep(600)  # the files are staged; never moved into place
+torch.manual_seed(0)
+model = get_peft_model(TinyMLP(), NolaConfig(r=1, num_basis_A=4, num_basis_B=4, target_modules=["lin0", "lin1"]))
+save_pretrained_atomic(model, sys.argv[1])
+"""
+
+
+def kill_while_staged(folder: Path) -> None:
+    """SIGKILL a save into ``folder`` once its files are in the staging folder, before they are moved into place."""
+    before = set(folder.glob(".tmp-save-*"))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen([sys.executable, "-c", STAGED_SAVE, str(folder)], env=env, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            staged = set(folder.glob(".tmp-save-*")) - before
+            if staged and any((path / "adapter_model.safetensors").exists() for path in staged):
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the staged save ended by itself"
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_killed_atomic_saves_leave_a_complete_adapter(tmp_path):
     folder = tmp_path / "adapter"
     results = kill_during_saves(folder, "atomic", kills=6)
@@ -117,9 +148,10 @@ def test_killed_atomic_saves_leave_a_complete_adapter(tmp_path):
         assert not isinstance(outcome, Exception), f"a killed save broke the adapter: {outcome!r}"
         # One complete version: the last one saved, or the one being saved if its files were already moved in.
         assert outcome in ({last_saved}, {last_saved + 1}) if mid_save else outcome == {last_saved}
-    # A kill inside a save leaves its staging folder (at least the last kill's, which no later save cleaned); the
-    # next save into the folder deletes every one of them.
-    assert list(folder.glob(".tmp-save-*")), "control: the kills left no staging folder to clean"
+    # A save killed while its files are in the staging folder leaves that folder (the random kills above may or may
+    # not have: only the last one's survives them), and the next save into the folder deletes every one of them.
+    kill_while_staged(folder)
+    assert list(folder.glob(".tmp-save-*")), "control: the killed save left no staging folder to clean"
     torch.manual_seed(0)
     save_pretrained_atomic(get_peft_model(TinyMLP(), NolaConfig(r=1, num_basis_A=4, num_basis_B=4,
                                                                target_modules=["lin0", "lin1"])), folder)
