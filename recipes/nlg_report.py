@@ -63,6 +63,7 @@ def plot_params_vs_bleu(results: list[dict], path: Path, title: str | None = Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     datasets = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
@@ -89,7 +90,12 @@ def plot_params_vs_bleu(results: list[dict], path: Path, title: str | None = Non
             ax.axhline(bleu(with_base[0], "base_metrics"), color="gray", linestyle="--",
                        label=f"base model, no training: {bleu(with_base[0], 'base_metrics'):.1f}")
         ax.set_xscale("log")
-        ax.margins(x=0.2)  # room for the point labels at the ends
+        ax.margins(x=0.35)  # room for the point labels at the ends
+        # Plain parameter counts at the points themselves; a narrow log range otherwise gets crowded 10^x labels.
+        counts = sorted({r["trainable_params"] for r in in_panel if r["trainable_params"]})
+        if counts:
+            ax.set_xticks(counts, [f"{c:,}" for c in counts], fontsize=8)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("BLEU")
         ax.set_title(title or DATASET_TITLES.get(dataset, dataset), fontsize=9 if title else None)
