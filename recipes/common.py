@@ -260,7 +260,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return from_repo if from_repo.exists() else p
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     """Hub names are ``name`` or ``org/name``; anything else with a slash, or ./ ../ / ~, is meant as a path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
@@ -406,7 +406,7 @@ def _locate_model(args: ModelArgs) -> tuple[str, str | None]:
         if args.gguf_file and not (path / args.gguf_file).is_file():
             raise RecipeError(f"gguf_file '{args.gguf_file}' not found in {path}")
         return str(path), args.gguf_file
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name):
         raise RecipeError(
             f"model path not found: {name} (pass --model_name_or_path with an existing directory, a hub name, "
             f"or {SMOLLM2_PACKAGE})"

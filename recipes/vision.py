@@ -39,10 +39,11 @@ from recipes.common import (
     config_to_dict,
     latest_complete_checkpoint,
     load_config,
-    markdown_table,
-    peak_memory_bytes,
     locate,
+    looks_like_local_path,
+    markdown_table,
     names_module,
+    peak_memory_bytes,
     resolve_path,
     training_arguments,
     run_cli,
@@ -179,7 +180,7 @@ def _model_location(cfg: VisionConfig) -> str:
     path = resolve_path(name)
     if path.exists():
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_like_local_path(name):
         raise RecipeError(f"model path not found: {name} (pass --model_name_or_path with an existing directory or "
                           "a hub name such as google/vit-base-patch16-224-in21k)")
     return name

@@ -18,10 +18,11 @@ can be adapted on a subset ``adapt`` of them; each adapted block ``s`` has its o
 
 from __future__ import annotations
 
-import math
 import functools
 import itertools
+import math
 import os
+import re
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -52,7 +53,6 @@ from .._peft_compat import (
     resolve_quantization_backend,
 )
 from ..basis import layout_fingerprint
-from ..model_card import write_model_card
 from ..checks import (
     FLOAT_DTYPES,
     AdapterFileError,
@@ -65,6 +65,7 @@ from ..checks import (
     file_checksum,
     tensors_checksum,
 )
+from ..model_card import write_model_card
 
 #: ``output_slices`` for GPT-2's fused ``c_attn``: adapt the query and value thirds (the papers' "QV" rows).
 GPT2_QV_SLICES = {"c_attn": {"splits": 3, "adapt": [0, 2]}}
@@ -141,9 +142,12 @@ class FactorCache:
         self.entries.move_to_end(adapter_name)
         self.sizes[adapter_name] = self.sizes.get(adapter_name, 0) + nbytes
         self.nbytes += nbytes
-        while self.nbytes > self.budget:
-            oldest = next(iter(self.entries))
-            self.drop(oldest)
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop least recently used adapters, whole, until the factors held fit the budget."""
+        while self.nbytes > self.budget and self.entries:
+            self.drop(next(iter(self.entries)))
 
     def discard(self, token: int, adapter_name: str) -> None:
         """Forget one layer's factors of ``adapter_name``."""
@@ -175,10 +179,8 @@ def set_factor_cache_budget(model: nn.Module, budget_bytes: int) -> None:
     for module in model.modules():
         if isinstance(module, LowRankTuner):
             found = True
-            cache = module.factor_cache
-            cache.budget = budget_bytes
-            while cache.nbytes > cache.budget and cache.entries:
-                cache.drop(next(iter(cache.entries)))
+            module.factor_cache.budget = budget_bytes
+            module.factor_cache.evict()
     if not found:
         raise ValueError("set_factor_cache_budget: the model has no NOLA or NoRA adapters")
 
@@ -320,8 +322,6 @@ class LowRankConfig(PeftConfig):
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), str):
                 check_regex(name, getattr(self, name))
-        import re
-
         patterns = self.layers_pattern if isinstance(self.layers_pattern, (list, tuple, set)) else [self.layers_pattern]
         for pattern in patterns:
             if pattern is not None and not re.fullmatch(_LAYERS_PATTERN, pattern):

@@ -210,8 +210,7 @@ class SharedBasisCombiner:
         forward pass every layer's factors of every adapter not yet built are built together (one product per basis
         for all of them)."""
         if self.depth == 0:
-            combined = self._combine([(layer, name) for name in adapter_names])
-            return [combined[id(layer), name] for name in adapter_names]
+            return self._combine_alone(layer, adapter_names)
         grad = torch.is_grad_enabled()
         missing = [name for name in adapter_names if (name, grad) not in self.cache]
         if missing:
@@ -219,8 +218,7 @@ class SharedBasisCombiner:
             if any(_is_shard(other, name) for other, name in pairs):
                 # FSDP/ZeRO-3 with a unit per block: other blocks' coefficients are still sharded while this block
                 # runs, so each layer is combined on its own (one basis read per layer).
-                combined = self._combine([(layer, name) for name in adapter_names])
-                return [combined[id(layer), name] for name in adapter_names]
+                return self._combine_alone(layer, adapter_names)
             combined = self._combine(pairs)
             for name in missing:
                 self.cache[name, grad] = {id(other): combined[id(other), name] for other in self.layers.get(name, [])}
@@ -241,6 +239,11 @@ class SharedBasisCombiner:
                 basis[start : start + rows.shape[0]] = rows
             self.store[key] = basis
         return self.store[key]
+
+    def _combine_alone(self, layer: "NolaLayer", adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``layer``'s factors of each adapter, combined without the other layers."""
+        combined = self._combine([(layer, name) for name in adapter_names])
+        return [combined[id(layer), name] for name in adapter_names]
 
     def _combine(self, pairs: list[tuple["NolaLayer", str]]) -> dict:
         """``{(layer id, adapter name): (down_flat, up_flat)}`` for the ``(layer, adapter name)`` pairs."""
