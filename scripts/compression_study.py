@@ -2,10 +2,12 @@
 validation split, several seeds, and a report that answers the paper's claim from the data.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/compression_study.py \
-        --study configs/studies/compression_study.yaml [--output_dir DIR] [--seeds 110,111] [--dry_run] [--report_only]
+        --study configs/studies/compression_study.yaml [--jobs 2] [--output_dir DIR] [--seeds 110,111] [--dry_run] \
+        [--report_only]
 
-Every run is one call of the NLG recipe (``recipes.nlg.main``) in this process, with a ``run_config.yaml`` written
-into its own folder (``python -m recipes.nlg --config that/run_config.yaml`` repeats it alone):
+Every run is one call of the NLG recipe (``recipes.nlg.main``), in this process or, with ``--jobs N``, in one of N
+worker processes (its output then goes to ``log.txt`` in its folder), with a ``run_config.yaml`` written into its own
+folder (``python -m recipes.nlg --config that/run_config.yaml`` repeats it alone):
 
 1. selection: per setting and learning rate of its grid, train with each selection seed and decode the validation
    split (``validation_file``, first ``max_validation_inputs`` inputs); the rate with the best mean validation
@@ -22,6 +24,7 @@ config changed since) is emptied and run again. Writes into ``output_dir``: ``ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -234,8 +237,9 @@ def finished_results(study: Study, run: Run) -> dict | None:
     return results
 
 
-def execute(study: Study, run: Run, log: list[dict]) -> dict:
-    """Return the run's results, running the recipe first unless a finished run is on disk."""
+def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> dict:
+    """Return the run's results, running the recipe first unless a finished run is on disk. ``log_file``: send the
+    run's output (progress bars, the scorer's) to ``log.txt`` in its folder instead of the terminal."""
     from recipes import nlg
 
     results = finished_results(study, run)
@@ -250,11 +254,82 @@ def execute(study: Study, run: Run, log: list[dict]) -> dict:
     out.mkdir(parents=True)
     config_path = out / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(run_values(study, run), sort_keys=False))
-    print(f"[study] {run.relative_dir}: lr {run.learning_rate:g}, seed {run.seed}", flush=True)
+    print(f"[study] {run.relative_dir}: lr {run.learning_rate:g}, seed {run.seed}"
+          + (f" (output in {out / 'log.txt'})" if log_file else ""), flush=True)
     started = time.time()
-    results = nlg.main(["--config", str(config_path)])
+    with _output_to(out / "log.txt" if log_file else None):
+        results = nlg.main(["--config", str(config_path)])
     log.append({"run": run.relative_dir, "action": "ran", "seconds": round(time.time() - started, 1)})
     return results
+
+
+@contextlib.contextmanager
+def _output_to(path: Path | None):
+    """Redirect this process's stdout and stderr (file descriptors, so subprocesses such as the Java scorers too)."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+_WORKER_STUDY: Study | None = None
+
+
+def _worker_start(study: Study, threads: int | None) -> None:
+    global _WORKER_STUDY
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    _WORKER_STUDY = study
+
+
+def _worker_run(run: Run) -> tuple[dict, list[dict]]:
+    log: list[dict] = []
+    return execute(_WORKER_STUDY, run, log, log_file=True), log
+
+
+def execute_all(study: Study, runs: list[Run], log: list[dict], jobs: int) -> dict[Run, dict]:
+    """Every run's results; with ``jobs`` > 1 the runs not finished yet go to that many worker processes, each with
+    its share of the CPU threads unless OMP_NUM_THREADS is set."""
+    if jobs <= 1:
+        return {run: execute(study, run, log) for run in runs}
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    results = {run: res for run in runs if (res := finished_results(study, run)) is not None}
+    log.extend({"run": run.relative_dir, "action": "kept"} for run in results)
+    todo = [run for run in runs if run not in results]
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(min(jobs, max(1, len(todo))), mp_context=get_context("spawn"),
+                             initializer=_worker_start, initargs=(study, threads)) as pool:
+        futures = {pool.submit(_worker_run, run): run for run in todo}
+        try:
+            for future in as_completed(futures):
+                run = futures[future]
+                results[run], worker_log = future.result()
+                log.extend(worker_log)
+                score = _scale(study, study.selection_metric) * results[run]["metrics"][study.selection_metric]
+                print(f"[study] {run.relative_dir}: done in {worker_log[-1]['seconds']:.0f} s, "
+                      f"{study.selection_metric} {score:.2f}", flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return {run: results[run] for run in runs}
 
 
 def choose_learning_rates(study: Study, selection: dict[Run, dict]) -> dict[str, dict]:
@@ -501,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--study", default="configs/studies/compression_study.yaml", help="study YAML")
     parser.add_argument("--output_dir", help="override the study's output_dir")
     parser.add_argument("--seeds", help="comma-separated seeds, overriding the study's (e.g. 110,111)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process (e.g. 2 on a 2-core machine with OMP_NUM_THREADS=1)")
     parser.add_argument("--dry_run", action="store_true", help="check the study, list the runs still to do, stop")
     parser.add_argument("--report_only", action="store_true",
                         help="write the report from the finished runs on disk; run nothing")
@@ -525,17 +602,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print("  ", r.relative_dir)
         return {"todo": [r.relative_dir for r in todo]}
 
-    def get(run: Run) -> dict | None:
-        return finished_results(study, run) if args.report_only else execute(study, run, log)
+    if args.jobs < 1:
+        raise RecipeError(f"--jobs must be at least 1, got {args.jobs}")
 
-    selection = {run: get(run) for run in selection_runs(study)}
+    def get(runs: list[Run]) -> dict[Run, dict | None]:
+        if args.report_only:
+            return {run: finished_results(study, run) for run in runs}
+        return execute_all(study, runs, log, args.jobs)  # type: ignore[return-value]
+
+    selection = get(selection_runs(study))
     missing = [r.relative_dir for r, res in selection.items() if res is None]
     if missing:
         raise RecipeError(f"--report_only: selection runs not finished yet ({', '.join(missing[:5])}"
                           f"{', ...' if len(missing) > 5 else ''}); run the study without --report_only")
     selection_info = choose_learning_rates(study, selection)  # type: ignore[arg-type]
     chosen = {name: info["learning_rate"] for name, info in selection_info.items()}
-    tests = {run: res for run in test_runs(study, chosen) if (res := get(run)) is not None}
+    tests = {run: res for run, res in get(test_runs(study, chosen)).items() if res is not None}
     settings = aggregate(study, selection_info, tests)
 
     meta = {"study_file": os.path.relpath(study.source, Path.cwd()),

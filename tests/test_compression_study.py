@@ -109,7 +109,7 @@ def results_mtimes(out):
     return {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/results.json")}
 
 
-def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently(tmp_path):
+def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently(tmp_path, monkeypatch, capsys):
     for needed in ("e2e/train.txt", "e2e/valid.txt", "e2e/test.txt"):
         if not (DATA / needed).is_file():
             pytest.skip(f"real data not present: {DATA / needed}; see ../shared/data/MANIFEST.md")
@@ -119,8 +119,17 @@ def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently
     path = study_yaml(tmp_path)
     out = tmp_path / "study"
 
-    first = study_script.main(["--study", str(path)])
+    # --jobs 2: the runs go to two worker processes (spawned: they import the script from scripts/), each run's output
+    # to the log.txt in its folder, one line per run start and end to the terminal.
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    capsys.readouterr()
+    first = study_script.main(["--study", str(path), "--jobs", "2"])
     assert [e["action"] for e in first["log"]] == ["ran"] * 8  # 2 settings x (2 rates x 1 seed + 2 seeds)
+    terminal = capsys.readouterr().out
+    for run_dir in sorted(out.glob("runs/*/*")):
+        rel = str(run_dir.relative_to(out))
+        assert f"[study] {rel}: done in" in terminal
+        assert f"results written to {run_dir / 'results.json'}" in (run_dir / "log.txt").read_text()
 
     # Selection runs decoded the validation split, test runs the test split.
     valid, test = first_sources("valid.txt", 4), first_sources("test.txt", 4)
@@ -193,7 +202,7 @@ def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently
     (gone / "results.json").unlink()
     text = (torn / "results.json").read_text()
     (torn / "results.json").write_text(text[: len(text) // 2])
-    third = study_script.main(["--study", str(path)])
+    third = study_script.main(["--study", str(path), "--jobs", "2"])  # as the first: the same computation
     redone = sorted(e["run"] for e in third["log"] if e["action"] == "ran")
     assert redone == sorted(str(p.relative_to(out)) for p in (gone, torn))
     for run_dir, before_preds in expected.items():
