@@ -342,7 +342,8 @@ def choose_learning_rates(study: Study, selection: dict[Run, dict]) -> dict[str,
                       for seed in study.selection_seeds]
             scores[lr] = statistics.fmean(values)
         best = max(s.lr_grid, key=lambda lr: scores[lr])  # max keeps the first of equal scores
-        chosen[s.name] = {"validation": {f"{lr:g}": scores[lr] for lr in s.lr_grid}, "learning_rate": best}
+        chosen[s.name] = {"validation": {f"{lr:g}": scores[lr] for lr in s.lr_grid}, "learning_rate": best,
+                          "at_grid_edge": len(s.lr_grid) > 1 and best in (min(s.lr_grid), max(s.lr_grid))}
     return chosen
 
 
@@ -365,6 +366,7 @@ def aggregate(study: Study, selection_info: dict, tests: dict[Run, dict]) -> dic
                                  "basis_mode": s.config.get("basis_mode", study.common.get("basis_mode")),
                                  "learning_rate": selection_info[s.name]["learning_rate"],
                                  "validation": selection_info[s.name]["validation"],
+                                 "at_grid_edge": selection_info[s.name]["at_grid_edge"],
                                  "seeds": [run.seed for run, _ in runs],
                                  "runs": [run.relative_dir for run, _ in runs]}
         if runs:
@@ -464,8 +466,9 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
     for s in study.settings:
         e = settings[s.name]
         cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}" for lr, v in e["validation"].items())
+        edge = " (edge of the grid: widen lr_grid)" if e.get("at_grid_edge") else ""
         selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
-                               "Chosen LR": f"{e['learning_rate']:g}"})
+                               "Chosen LR": f"{e['learning_rate']:g}{edge}"})
     c = study.common
     model = c.get("model_name_or_path") or f"random-init {(c.get('model_config') or {}).get('model_type', '?')}"
     lines = [
@@ -617,6 +620,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           f"{', ...' if len(missing) > 5 else ''}); run the study without --report_only")
     selection_info = choose_learning_rates(study, selection)  # type: ignore[arg-type]
     chosen = {name: info["learning_rate"] for name, info in selection_info.items()}
+    for name, info in selection_info.items():
+        if info["at_grid_edge"]:
+            print(f"[study] warning: {name}'s best validation {study.selection_metric} is at the edge of its lr_grid "
+                  f"({info['learning_rate']:g}); a wider grid may find a better rate", flush=True)
     tests = {run: res for run, res in get(test_runs(study, chosen)).items() if res is not None}
     settings = aggregate(study, selection_info, tests)
 

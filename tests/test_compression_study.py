@@ -183,6 +183,7 @@ def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently
     assert verdict in saved["claim"] and saved["claim"] in report
     assert f"difference {round(nola_mean - lora_mean, 2) + 0.0:+.2f}" in saved["claim"]
     assert (out / "bleu_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.count("(edge of the grid: widen lr_grid)") == 2  # a grid of two rates has no inside
 
     # --dry_run lists what is left: nothing, or the runs of a seed added on the command line.
     assert study_script.main(["--study", str(path), "--dry_run"])["todo"] == []
@@ -255,3 +256,19 @@ def test_claim_sentence_numbers_and_verdicts():
     assert "NOLA k=l=48 (5,760) 52.30 ± 0.14 (-1.50)" in sentence
     settings["k96"] = entry("NOLA k=l=96", "nola", 11520, [0.530, 0.532])
     assert "parameters: no, it is not within 1 BLEU" in study_script.answer_claim(study, settings)
+
+
+def test_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
+    """Validation scores made up here: a peak inside the grid is chosen plainly, a best score at the grid's largest
+    (or smallest) rate is chosen and flagged, since a wider grid might do better."""
+    grids = {"lora": [1e-3, 2e-3, 4e-3], "nola": [0.01, 0.02, 0.04]}
+    path = study_yaml(tmp_path, settings=[
+        {"name": name, "config": {"method": name, "r": 2}, "lr_grid": grid} for name, grid in grids.items()])
+    study = study_script.load_study(path)
+    scores = {("lora", 1e-3): 0.30, ("lora", 2e-3): 0.35, ("lora", 4e-3): 0.32,  # peak inside
+              ("nola", 0.01): 0.20, ("nola", 0.02): 0.25, ("nola", 0.04): 0.27}  # still rising at the top
+    selection = {study_script.Run(name, "select", SEEDS[0], lr): {"metrics": {"METEOR": scores[name, lr]}}
+                 for name, grid in grids.items() for lr in grid}
+    chosen = study_script.choose_learning_rates(study, selection)
+    assert (chosen["lora"]["learning_rate"], chosen["lora"]["at_grid_edge"]) == (2e-3, False)
+    assert (chosen["nola"]["learning_rate"], chosen["nola"]["at_grid_edge"]) == (0.04, True)
