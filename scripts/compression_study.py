@@ -51,7 +51,7 @@ from recipes.common import (  # noqa: E402
 )
 from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
 
-STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs",
+STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs", "widen_grid",
               "selection_metric", "common", "settings", "claim", "paper_reference"}
 SETTING_KEYS = {"name", "label", "config", "lr_grid"}
 # The study decides these per run; a setting or `common` that sets them would be silently overridden.
@@ -77,6 +77,7 @@ class Study:
     validation_file: str
     max_validation_inputs: int | None
     selection_metric: str
+    widen_grid: int
     common: dict
     settings: list[Setting]
     claim: dict | None = None
@@ -132,6 +133,7 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         validation_file=str(raw.get("validation_file") or "valid.txt"),
         max_validation_inputs=raw.get("max_validation_inputs"),
         selection_metric=str(raw.get("selection_metric") or "BLEU"),
+        widen_grid=int(raw.get("widen_grid", 2)),
         common=dict(raw["common"]),
         settings=settings,
         claim=raw.get("claim"),
@@ -347,6 +349,35 @@ def choose_learning_rates(study: Study, selection: dict[Run, dict]) -> dict[str,
     return chosen
 
 
+def rate_beyond(grid: Sequence[float], edge: float) -> float:
+    """The next rate past ``edge`` (the grid's smallest or largest), a step of the grid's ratio at that end."""
+    g = sorted(grid)
+    rate = g[0] * g[0] / g[1] if edge == g[0] else g[-1] * g[-1] / g[-2]
+    return float(f"{rate:.3g}")  # 1e-2 * 1e-2 / 5e-3 is 0.019999999999999997; the run folder and config say 0.02
+
+
+def select_learning_rates(study: Study, get) -> tuple[dict[Run, dict | None], dict[str, dict] | None]:
+    """The selection runs (through ``get``, a function from runs to their results) and the chosen rates. While a
+    setting's best rate is at an edge of its grid and the grid was widened fewer than ``widen_grid`` times, the rate
+    beyond that edge joins the grid and is run too. The chosen rates are None while a run is unfinished (``get``
+    returned None for it: a dry run, --report_only)."""
+    widened = {s.name: 0 for s in study.settings}
+    while True:
+        selection = get(selection_runs(study))
+        if any(res is None for res in selection.values()):
+            return selection, None
+        info = choose_learning_rates(study, selection)
+        grew = [s for s in study.settings if info[s.name]["at_grid_edge"] and widened[s.name] < study.widen_grid]
+        for s in grew:
+            s.lr_grid = sorted(s.lr_grid + [rate_beyond(s.lr_grid, info[s.name]["learning_rate"])])
+            widened[s.name] += 1
+            print(f"[study] {s.name}: best validation {study.selection_metric} at the edge of the grid "
+                  f"({info[s.name]['learning_rate']:g}); widened to {', '.join(f'{lr:g}' for lr in s.lr_grid)}",
+                  flush=True)
+        if not grew:
+            return selection, info
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Aggregation and report
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,7 +497,7 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
     for s in study.settings:
         e = settings[s.name]
         cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}" for lr, v in e["validation"].items())
-        edge = " (edge of the grid: widen lr_grid)" if e.get("at_grid_edge") else ""
+        edge = " (still at the edge of the grid: widen it)" if e.get("at_grid_edge") else ""
         selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
                                "Chosen LR": f"{e['learning_rate']:g}{edge}"})
     c = study.common
@@ -590,15 +621,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     study.output_dir.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
 
+    def finished(runs: list[Run]) -> dict[Run, dict | None]:
+        return {run: finished_results(study, run) for run in runs}
+
     if args.dry_run:
-        done = {r: finished_results(study, r) for r in selection_runs(study)}
-        todo = [r for r, res in done.items() if res is None]
-        if todo:
-            print(f"{len(todo)} of {len(done)} selection runs to do, then {len(study.settings)} x "
-                  f"{len(study.seeds)} test runs at the chosen rates (finished ones are kept)")
+        selection, selection_info = select_learning_rates(study, finished)
+        if selection_info is None:
+            todo = [r for r, res in selection.items() if res is None]
+            print(f"{len(todo)} of {len(selection)} selection runs to do (more if a best rate is at the edge of its "
+                  f"grid), then {len(study.settings)} x {len(study.seeds)} test runs at the chosen rates (finished "
+                  f"ones are kept)")
         else:
-            chosen = {k: v["learning_rate"] for k, v in choose_learning_rates(study, done).items()}  # type: ignore
-            tests = test_runs(study, chosen)
+            tests = test_runs(study, {k: v["learning_rate"] for k, v in selection_info.items()})
             todo = [r for r in tests if finished_results(study, r) is None]
             print(f"selection finished; {len(todo)} of {len(tests)} test runs to do")
         for r in todo:
@@ -609,21 +643,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeError(f"--jobs must be at least 1, got {args.jobs}")
 
     def get(runs: list[Run]) -> dict[Run, dict | None]:
-        if args.report_only:
-            return {run: finished_results(study, run) for run in runs}
-        return execute_all(study, runs, log, args.jobs)  # type: ignore[return-value]
+        return finished(runs) if args.report_only else execute_all(study, runs, log, args.jobs)
 
-    selection = get(selection_runs(study))
-    missing = [r.relative_dir for r, res in selection.items() if res is None]
-    if missing:
+    selection, selection_info = select_learning_rates(study, get)
+    if selection_info is None:
+        missing = [r.relative_dir for r, res in selection.items() if res is None]
         raise RecipeError(f"--report_only: selection runs not finished yet ({', '.join(missing[:5])}"
                           f"{', ...' if len(missing) > 5 else ''}); run the study without --report_only")
-    selection_info = choose_learning_rates(study, selection)  # type: ignore[arg-type]
     chosen = {name: info["learning_rate"] for name, info in selection_info.items()}
     for name, info in selection_info.items():
         if info["at_grid_edge"]:
-            print(f"[study] warning: {name}'s best validation {study.selection_metric} is at the edge of its lr_grid "
-                  f"({info['learning_rate']:g}); a wider grid may find a better rate", flush=True)
+            print(f"[study] warning: {name}'s best validation {study.selection_metric} is still at the edge of its "
+                  f"lr_grid ({info['learning_rate']:g}) after widening it {study.widen_grid} time(s)", flush=True)
     tests = {run: res for run, res in get(test_runs(study, chosen)).items() if res is not None}
     settings = aggregate(study, selection_info, tests)
 

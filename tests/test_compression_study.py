@@ -4,6 +4,7 @@ predictions), and a report whose numbers are recomputed here from the per-run re
 
 import importlib.util
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -62,7 +63,8 @@ def study_yaml(tmp_path, **changes):
         "seed_keys": ["seed", "basis_seed"],
         "validation_file": "valid.txt",
         "max_validation_inputs": 4,
-        "selection_metric": "METEOR",  # BLEU needs 4-gram matches, which a few steps of a random model never make
+        "selection_metric": "METEOR",
+        "widen_grid": 0,  # BLEU needs 4-gram matches, which a few steps of a random model never make
         "common": {
             "dataset": "e2e", "data_dir": str(DATA / "e2e"),
             "model_config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256,
@@ -183,7 +185,7 @@ def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently
     assert verdict in saved["claim"] and saved["claim"] in report
     assert f"difference {round(nola_mean - lora_mean, 2) + 0.0:+.2f}" in saved["claim"]
     assert (out / "bleu_vs_params.png").read_bytes()[:4] == b"\x89PNG"
-    assert report.count("(edge of the grid: widen lr_grid)") == 2  # a grid of two rates has no inside
+    assert report.count("(still at the edge of the grid: widen it)") == 2  # two rates have no inside, widen_grid 0
 
     # --dry_run lists what is left: nothing, or the runs of a seed added on the command line.
     assert study_script.main(["--study", str(path), "--dry_run"])["todo"] == []
@@ -272,3 +274,28 @@ def test_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
     chosen = study_script.choose_learning_rates(study, selection)
     assert (chosen["lora"]["learning_rate"], chosen["lora"]["at_grid_edge"]) == (2e-3, False)
     assert (chosen["nola"]["learning_rate"], chosen["nola"]["at_grid_edge"]) == (0.04, True)
+
+
+def test_grid_widens_past_an_edge_until_the_best_rate_is_inside(tmp_path):
+    """Made-up validation scores that peak at 4e-3 for one setting and at the smallest rate 1e-3 for the other: the
+    first grid grows 2e-3 -> 4e-3 -> 8e-3 (the grid's ratio at that end) and stops once 4e-3 is inside; the second
+    grows downward, to 5e-4 and 2.5e-4, and stays flagged when widen_grid (2) runs out."""
+    grids = {"lora": [1e-3, 2e-3], "nola": [1e-3, 2e-3]}
+    peak = {"lora": 4e-3, "nola": 1e-9}
+    path = study_yaml(tmp_path, widen_grid=2, settings=[
+        {"name": name, "config": {"method": name, "r": 2}, "lr_grid": grid} for name, grid in grids.items()])
+    study = study_script.load_study(path)
+    asked = []
+
+    def get(runs):
+        asked.extend(runs)
+        return {run: {"metrics": {"METEOR": -abs(math.log(run.learning_rate / peak[run.setting]))}} for run in runs}
+
+    selection, chosen = study_script.select_learning_rates(study, get)
+    grids_now = {s.name: s.lr_grid for s in study.settings}
+    assert grids_now == {"lora": [1e-3, 2e-3, 4e-3, 8e-3], "nola": [2.5e-4, 5e-4, 1e-3, 2e-3]}
+    assert (chosen["lora"]["learning_rate"], chosen["lora"]["at_grid_edge"]) == (4e-3, False)
+    assert (chosen["nola"]["learning_rate"], chosen["nola"]["at_grid_edge"]) == (2.5e-4, True)
+    assert set(selection) == set(asked) and len(selection) == 8
+    assert study_script.rate_beyond([2e-3, 5e-3, 1e-2], 1e-2) == 0.02  # not 0.019999999999999997
+    assert study_script.rate_beyond([0.02, 0.05, 0.1], 0.02) == 0.008
