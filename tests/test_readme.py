@@ -36,3 +36,12 @@ def test_the_use_snippet_defines_every_name_it_uses():
     assigned |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert used - assigned - set(dir(builtins)) == set()
+
+
+def test_every_relative_link_and_image_in_the_readme_exists():
+    text = (REPO_ROOT / "README.md").read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text)
+               if not re.match(r"[a-z]+://|#|mailto:", t)]
+    assert targets  # the README links files of this repository (configs, benchmarks, the study's plot)
+    missing = [t for t in targets if not (REPO_ROOT / t).exists()]
+    assert not missing, f"README links files that do not exist: {missing}"
