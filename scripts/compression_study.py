@@ -77,11 +77,11 @@ class Study:
     validation_file: str
     max_validation_inputs: int | None
     selection_metric: str
-    widen_grid: int
     common: dict
     settings: list[Setting]
     claim: dict | None = None
     paper_reference: dict | None = None
+    widen_grid: int = 2  # rates added past a grid's edge while its best rate is there
     source: str = ""
     dataset: str = "e2e"
     _configs: dict = field(default_factory=dict, repr=False)
@@ -513,6 +513,8 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         f"{c.get('max_test_inputs')} test inputs. Seeds: {', '.join(map(str, study.seeds))} (config keys "
         f"{', '.join(study.seed_keys)}). Mean ± sample std over seeds; BLEU, METEOR and ROUGE-L in percent.",
         "",
+        meta.get("run_time", ""),
+        "",
         "## Answer",
         "",
         meta.get("claim") or "Not all settings of the claim have test runs yet.",
@@ -661,6 +663,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     meta = {"study_file": os.path.relpath(study.source, Path.cwd()),
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     meta["claim"] = answer_claim(study, settings)
+    run_seconds = [r["wall_time_s"] for r in [*selection.values(), *tests.values()]]  # type: ignore[index]
+    meta["run_time"] = (f"{len(selection)} selection and {len(tests)} test runs; their wall times sum to "
+                        f"{sum(run_seconds) / 3600:.1f} h ({statistics.fmean(run_seconds) / 60:.1f} min a run; runs "
+                        f"in parallel with --jobs overlap).")
     summary = {"study": meta["study_file"], "generated": meta["generated"], "seeds": study.seeds,
                "selection_seeds": study.selection_seeds, "selection_metric": study.selection_metric,
                "settings": settings, "claim": meta["claim"],

@@ -186,6 +186,9 @@ def test_study_end_to_end_selects_on_validation_resumes_and_reports_consistently
     assert f"difference {round(nola_mean - lora_mean, 2) + 0.0:+.2f}" in saved["claim"]
     assert (out / "bleu_vs_params.png").read_bytes()[:4] == b"\x89PNG"
     assert report.count("(still at the edge of the grid: widen it)") == 2  # two rates have no inside, widen_grid 0
+    seconds = [json.loads(f.read_text())["wall_time_s"] for f in out.glob("runs/*/*/results.json")]
+    assert f"4 selection and 4 test runs; their wall times sum to {sum(seconds) / 3600:.1f} h " \
+           f"({statistics.fmean(seconds) / 60:.1f} min a run" in report
 
     # --dry_run lists what is left: nothing, or the runs of a seed added on the command line.
     assert study_script.main(["--study", str(path), "--dry_run"])["todo"] == []
