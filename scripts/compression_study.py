@@ -11,7 +11,9 @@ folder (``python -m recipes.nlg --config that/run_config.yaml`` repeats it alone
 
 1. selection: per setting and learning rate of its grid, train with each selection seed and decode the validation
    split (``validation_file``, first ``max_validation_inputs`` inputs); the rate with the best mean validation
-   ``selection_metric`` wins (the first in grid order on a tie). The test split plays no part.
+   ``selection_metric`` wins (the first in grid order on a tie). While the best rate is at an edge of its grid, the
+   next rate past that edge joins the grid and is run (at most ``widen_grid`` times per setting, default 2). The test
+   split plays no part.
 2. test: per setting and seed, train at the chosen rate and decode the test split.
 
 Resumable: a run whose ``results.json`` exists, parses and was written for exactly the config the study asks for now
@@ -51,8 +53,8 @@ from recipes.common import (  # noqa: E402
 )
 from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
 
-STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs", "widen_grid",
-              "selection_metric", "common", "settings", "claim", "paper_reference"}
+STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs",
+              "widen_grid", "selection_metric", "common", "settings", "claim", "paper_reference"}
 SETTING_KEYS = {"name", "label", "config", "lr_grid"}
 # The study decides these per run; a setting or `common` that sets them would be silently overridden.
 RUN_KEYS = {"learning_rate", "output_dir", "test_file", "resume_from_checkpoint"}
@@ -141,6 +143,8 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         source=where,
     )
     study.dataset = str(study.common.get("dataset", "e2e"))
+    if study.widen_grid < 0:
+        raise _fail(where, f"widen_grid must be 0 (never widen a learning-rate grid) or more, got {study.widen_grid}")
     for key in study.seed_keys:
         if key not in known:
             raise _unknown_key_error(key, known, f"seed_keys of {where}")

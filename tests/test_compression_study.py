@@ -230,6 +230,8 @@ def test_bad_study_fails_before_any_run(tmp_path):
                           settings=[{"name": "x", "config": {"learning_rate": 1e-3}, "lr_grid": [1e-3]}])
     with pytest.raises(RecipeError, match="'learning_rate' is set by the study per run"):
         study_script.main(["--study", str(fixed_lr)])
+    with pytest.raises(RecipeError, match="widen_grid must be 0 .* or more, got -1"):
+        study_script.main(["--study", str(study_yaml(tmp_path, widen_grid=-1))])
     with pytest.raises(RecipeError, match="study file not found"):
         study_script.main(["--study", str(tmp_path / "nope.yaml")])
 
