@@ -260,11 +260,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return from_repo if from_repo.exists() else p
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Hub names are ``name`` or ``org/name``; anything else with a slash, or ./ ../ / ~, is meant as a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def locate(value: str | os.PathLike, root: str | os.PathLike | None) -> Path:
     """A path as given (:func:`resolve_path`) if that exists, else the same name under ``root`` (which may not exist
     either: callers report missing files together); ``root=None`` leaves it as given."""
@@ -398,6 +393,8 @@ def smollm2_package_dir() -> Path:
 
 def _locate_model(args: ModelArgs) -> tuple[str, str | None]:
     """Map ModelArgs to (from_pretrained location, gguf_file) and fail early with a clear message if absent."""
+    from peft_nola.model_card import looks_like_local_path  # the rule adapter cards use too
+
     name = args.model_name_or_path
     if name in SMOLLM2_NAMES:
         return str(smollm2_package_dir()), args.gguf_file or SMOLLM2_GGUF_FILE

@@ -40,7 +40,6 @@ from recipes.common import (
     latest_complete_checkpoint,
     load_config,
     locate,
-    looks_like_local_path,
     markdown_table,
     names_module,
     peak_memory_bytes,
@@ -176,6 +175,8 @@ def _set_head_labels(config, classes: Sequence[str]) -> None:
 
 
 def _model_location(cfg: VisionConfig) -> str:
+    from peft_nola.model_card import looks_like_local_path
+
     name = cfg.model_name_or_path
     path = resolve_path(name)
     if path.exists():
