@@ -366,8 +366,9 @@ def select_learning_rates(study: Study, get) -> tuple[dict[Run, dict | None], di
     beyond that edge joins the grid and is run too. The chosen rates are None while a run is unfinished (``get``
     returned None for it: a dry run, --report_only)."""
     widened = {s.name: 0 for s in study.settings}
+    selection: dict[Run, dict | None] = {}
     while True:
-        selection = get(selection_runs(study))
+        selection.update(get([run for run in selection_runs(study) if run not in selection]))  # each run asked once
         if any(res is None for res in selection.values()):
             return selection, None
         info = choose_learning_rates(study, selection)
