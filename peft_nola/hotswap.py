@@ -40,11 +40,10 @@ def hotswap_adapter(model, model_name_or_path: str, adapter_name: str = "default
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
                          f"hotswapping it")
-    config, tensors = _load_checked(model, tuner, Path(model_name_or_path), adapter_name, torch_device)
-    targets = model.state_dict(keep_vars=True)
+    config, pairs = _load_checked(model, tuner, Path(model_name_or_path), adapter_name, torch_device)
     with torch.no_grad():
-        for key, value in tensors.items():
-            targets[key].copy_(value)
+        for target, value in pairs:
+            target.copy_(value)
     for layer in layers:
         layer.scaling[adapter_name] = layer._scale_and_dropout(config)[0]
     config.inference_mode = model.peft_config[adapter_name].inference_mode
@@ -52,7 +51,8 @@ def hotswap_adapter(model, model_name_or_path: str, adapter_name: str = "default
 
 
 def _load_checked(model, tuner: LowRankTuner, path: Path, adapter_name: str, torch_device: Optional[str]):
-    """``(config, {model key: tensor})`` of the saved adapter, after every check; nothing of the model changes.
+    """``(config, [(model tensor, saved value), ...])`` of the saved adapter, after every check; nothing of the model
+    changes.
 
     The load checks themselves are the tuner's (``from_pretrained``'s file checks, ``_check_targets``,
     ``_remap_adapter_state_dict_for_load``); this is the only place hotswapping calls them.
@@ -83,4 +83,4 @@ def _load_checked(model, tuner: LowRankTuner, path: Path, adapter_name: str, tor
     unplaced = sorted(key for key in remapped if key not in targets)
     if unplaced:
         raise ValueError(f"The adapter in {path} holds tensors this model has no place for, e.g. '{unplaced[0]}'")
-    return config, {key: value.to(targets[key].dtype) for key, value in remapped.items()}
+    return config, [(targets[key], value.to(targets[key].dtype)) for key, value in remapped.items()]
