@@ -350,6 +350,8 @@ def test_modules_to_save_is_trained_and_saved(tmp_path):
     (dict(layers_to_transform=["0"]), "layers_to_transform must be a layer index or a list of indices"),
     (dict(fan_in_fan_out="yes"), "fan_in_fan_out must be true or false"),
     (dict(modules_to_save="lm_head"), "modules_to_save must be a list of names"),
+    # peft ignores layers_to_transform for a regex (0.22 refuses it, 0.21 did not): refused on every release.
+    (dict(target_modules=r".*q_proj", layers_to_transform=[1]), "layers_to_transform cannot be used when"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -35,15 +35,15 @@ def c_attn_block(model_or_base, layer: int, block: int) -> torch.Tensor:
     return weight[block * n : (block + 1) * n]
 
 
-@pytest.mark.parametrize("make, config, make_input", [
-    (tiny_gpt2, qv_config(), lambda: {"input_ids": torch.randint(1, 96, (2, 7))}),
-    (tiny_llama, NoraConfig(r=R, inner_r=INNER, target_modules=["q_proj", "v_proj", "down_proj"]),
+@pytest.mark.parametrize("make, make_config, make_input", [
+    (tiny_gpt2, qv_config, lambda: {"input_ids": torch.randint(1, 96, (2, 7))}),
+    (tiny_llama, lambda: NoraConfig(r=R, inner_r=INNER, target_modules=["q_proj", "v_proj", "down_proj"]),
      lambda: {"input_ids": torch.randint(1, 96, (2, 7))}),
-    (lambda: seeded(TinyCNN), NoraConfig(r=4, inner_r=2, target_modules=["conv0", "conv1"]),
+    (lambda: seeded(TinyCNN), lambda: NoraConfig(r=4, inner_r=2, target_modules=["conv0", "conv1"]),
      lambda: {"x": torch.randn(2, 3, 8, 8)}),
 ], ids=["gpt2-qv", "llama", "cnn"])
-def test_identity_at_init_and_gradients_reach_the_inner_lora(make, config, make_input):
-    base, inputs = make(), make_input()
+def test_identity_at_init_and_gradients_reach_the_inner_lora(make, make_config, make_input):
+    base, config, inputs = make(), make_config(), make_input()
     with torch.no_grad():
         expected = base(**inputs)
     expected = getattr(expected, "logits", expected)

@@ -305,6 +305,14 @@ class LowRankConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # peft's matcher ignores layers_to_transform for a regex (peft >= 0.22 refuses it too): one rule for every
+            # peft release.
+            raise ValueError(
+                f"layers_to_transform cannot be used when target_modules is a string (a regex or 'all-linear'), got "
+                f"target_modules={self.target_modules!r}: give target_modules as a list of names such as "
+                f"['q_proj', 'v_proj'], or write the layer numbers into the regex."
+            )
         super().__post_init__()
         for name, (valid, expected) in _FIELD_TYPES.items():
             if not valid(getattr(self, name)):
