@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from recipes import common
 from recipes.alpaca_data import (
     DataFormatError,
     InstructionCollator,
@@ -30,8 +29,15 @@ from recipes.alpaca_data import (
     split_train_validation,
     tokenize_records,
 )
-from recipes.common import AdapterArgs, ModelArgs, RecipeError
+from recipes.cli import RecipeError, run_cli
+from recipes.config import AdapterArgs, ModelArgs, config_to_dict, load_config
+from recipes.methods import METHODS, apply_method, count_trainable_parameters
 from recipes.mmlu import evaluate_mmlu, load_mmlu, select_questions
+from recipes.models import QUANTIZATIONS, load_base_model, world_size
+from recipes.paths import resolve_data_path
+from recipes.results import markdown_table, write_results
+from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
+from recipes.training import training_arguments as trainer_arguments
 
 RECIPE = "instruct"
 ALL_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -123,22 +129,22 @@ def validate_config(config: InstructConfig) -> None:
     """Reject inconsistent settings before any data or model is loaded."""
     if config.quantization is None:  # ``--quantization none`` arrives as null from the command-line parser
         config.quantization = "none"
-    if config.quantization not in common.QUANTIZATIONS:
-        raise RecipeError(f"quantization must be one of {', '.join(common.QUANTIZATIONS)}, got '{config.quantization}'")
-    if config.method.lower() not in common.METHODS:
-        raise RecipeError(f"method must be one of {', '.join(common.METHODS)}, got '{config.method}'")
+    if config.quantization not in QUANTIZATIONS:
+        raise RecipeError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{config.quantization}'")
+    if config.method.lower() not in METHODS:
+        raise RecipeError(f"method must be one of {', '.join(METHODS)}, got '{config.method}'")
     if config.method.lower() == "full" and config.quantization != "none":
         raise RecipeError("method 'full' cannot train quantized weights: set quantization: none")
     if config.mmlu_split not in ("val", "test"):
         raise RecipeError(f"mmlu_split must be val or test, got '{config.mmlu_split}'")
     if config.bf16 and config.dtype == "float32":
         raise RecipeError("bf16: true needs dtype: bfloat16 (the dtype of the unquantized weights)")
-    common.resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "validation_size"):
         if getattr(config, key) < 1:
             raise RecipeError(f"{key} must be at least 1")
     if config.effective_batch_size is not None:
-        per_step = config.per_device_train_batch_size * common.world_size()
+        per_step = config.per_device_train_batch_size * world_size()
         if config.effective_batch_size % per_step:
             raise RecipeError(
                 f"effective_batch_size {config.effective_batch_size} is not a multiple of per_device_train_batch_size "
@@ -164,7 +170,7 @@ def table5_row(config: InstructConfig, results: dict) -> str:
     columns = list(row)
     headers = ["Model", "Method", "Base bits", "Adapter size", "Trainable params", "Train loss", "Val loss",
                "MMLU acc (%)", "MMLU before (%)"]
-    return common.markdown_table([row], columns, headers)
+    return markdown_table([row], columns, headers)
 
 
 def _human_bytes(n: int) -> str:
@@ -185,7 +191,7 @@ def training_arguments(config: InstructConfig):
     optim = config.optim
     if optim == "auto":
         optim = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-    return common.training_arguments(
+    return trainer_arguments(
         config.output_dir,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
@@ -215,17 +221,13 @@ def training_arguments(config: InstructConfig):
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the recipe end to end and return the results dict (also written to ``OUTPUT_DIR/results.json``)."""
-    started = time.time()
-    config = common.load_config(InstructConfig, argv)
-    validate_config(config)
-    # Data first: a bad file fails in seconds, not after loading a 70B model.
-    data_source = common.resolve_data_path(config.data_path, "data_path", allow_hub=True)
-    mmlu_source = "hub" if config.mmlu_path == "hub" else common.resolve_data_path(config.mmlu_path, "mmlu_path")
+def load_inputs(config: InstructConfig) -> tuple[list[dict], list[dict], list]:
+    """(training records, validation records, MMLU questions) per the config; RecipeError for a bad file."""
+    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
+    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
     if config.tokenizer_name_or_path:
         config.tokenizer_name_or_path = str(
-            common.resolve_data_path(config.tokenizer_name_or_path, "tokenizer_name_or_path", allow_hub=True)
+            resolve_data_path(config.tokenizer_name_or_path, "tokenizer_name_or_path", allow_hub=True)
         )
     try:
         records = load_alpaca(data_source)
@@ -238,11 +240,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if config.max_val_samples is not None:
         val_records = val_records[: config.max_val_samples]
     questions = select_questions(questions, config.mmlu_max_samples, config.mmlu_per_subject, config.mmlu_sample_seed)
+    return train_records, val_records, questions
 
-    from transformers import Trainer, set_seed
 
-    set_seed(config.seed)
-    model, tokenizer = common.load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
+def load_quantized_base(config: InstructConfig):
+    """``(model, tokenizer)``: the base model in the configured precision, prepared for k-bit training."""
+    model, tokenizer = load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -250,46 +253,41 @@ def main(argv: Sequence[str] | None = None) -> dict:
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    return model, tokenizer
 
-    base_metrics: dict = {}
-    mmlu_base = None
-    if config.mmlu_before:
-        mmlu_base = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
-                                  progress=True)
-        base_metrics.update({"MMLU": mmlu_base["MMLU"], "MMLU_micro": mmlu_base["MMLU_micro"]})
-        print(f"instruct: MMLU before training {mmlu_base['MMLU']:.2f} ({len(questions)} questions, "
-              f"{mmlu_base['wall_time_s']:.0f}s)")
 
-    model = common.apply_method(model, config)
-    trainable = common.count_trainable_parameters(model)
-    if hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
+def mmlu_before(config: InstructConfig, model, tokenizer, questions) -> dict | None:
+    """MMLU of the un-adapted model (None when ``mmlu_before`` is off)."""
+    if not config.mmlu_before:
+        return None
+    mmlu_base = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
+                              progress=True)
+    print(f"instruct: MMLU before training {mmlu_base['MMLU']:.2f} ({len(questions)} questions, "
+          f"{mmlu_base['wall_time_s']:.0f}s)")
+    return mmlu_base
 
-    train_set = tokenize_records(tokenizer, train_records, config.source_max_len, config.target_max_len,
-                                 config.train_on_source)
-    val_set = tokenize_records(tokenizer, val_records, config.source_max_len, config.target_max_len,
-                               config.train_on_source)
-    args = training_arguments(config)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=InstructionCollator(tokenizer.pad_token_id))
 
+def tokenized(tokenizer, records, config: InstructConfig):
+    """``records`` as Trainer examples: the Alpaca prompt and response, the loss on the response unless
+    ``train_on_source``."""
+    return tokenize_records(tokenizer, records, config.source_max_len, config.target_max_len, config.train_on_source)
+
+
+def base_val_loss(trainer, model, config: InstructConfig) -> dict:
+    """``{"val_loss": ...}`` of the un-adapted model (adapters disabled), or {} when it cannot be measured."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base_metrics["val_loss"] = trainer.evaluate()["eval_loss"]
-    elif config.method == "full":
-        base_metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+            return {"val_loss": trainer.evaluate()["eval_loss"]}
+    if config.method == "full":
+        return {"val_loss": trainer.evaluate()["eval_loss"]}
+    return {}
 
-    train_started = time.time()
-    train_output = trainer.train(resume_from_checkpoint=common.resume_checkpoint(config.resume_from_checkpoint,
-                                                                                 config.output_dir))
-    train_time = time.time() - train_started
-    val_loss = trainer.evaluate()["eval_loss"]
+
+def collect_results(config: InstructConfig, trainer, train_output, train_time: float, val_loss: float,
+                    mmlu_base: dict | None, mmlu_after: dict, base_metrics: dict, trainable: int,
+                    adapter_bytes: int, questions, started: float) -> dict:
+    """The run's ``results.json`` record (the keys every recipe reports, then this recipe's extras)."""
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-    mmlu_after = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
-                               progress=True)
-    adapter_bytes = common.save_adapter(model, Path(config.output_dir) / "adapter")
-
     metrics = {
         "train_loss": float(train_output.training_loss),
         "final_train_loss": float(logged[-1]) if logged else float(train_output.training_loss),
@@ -297,35 +295,72 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "MMLU": mmlu_after["MMLU"],
         "MMLU_micro": mmlu_after["MMLU_micro"],
     }
-    results = {
+    return {
         "recipe": RECIPE,
-        "config": common.config_to_dict(config),
+        "config": config_to_dict(config),
         "method": config.method,
         "trainable_params": int(trainable),
         "adapter_bytes": int(adapter_bytes),
         "metrics": metrics,
         "base_metrics": base_metrics,
         "wall_time_s": time.time() - started,
-        "peak_memory_bytes": common.peak_memory_bytes(),
+        "peak_memory_bytes": peak_memory_bytes(),
         # recipe-specific extras
         "train_time_s": train_time,
-        "train_examples": len(train_set),
-        "val_examples": len(val_set),
+        "train_examples": len(trainer.train_dataset),
+        "val_examples": len(trainer.eval_dataset),
         "optimizer_steps": int(trainer.state.global_step),
         "effective_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps
-        * common.world_size(),
+        * world_size(),
         "train_loss_log": logged,
         "mmlu": {"split": config.mmlu_split, "num_questions": len(questions), "after": mmlu_after,
                  "before": mmlu_base},
     }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the recipe end to end and return the results dict (also written to ``OUTPUT_DIR/results.json``)."""
+    started = time.time()
+    config = load_config(InstructConfig, argv)
+    validate_config(config)
+    # Data first: a bad file fails in seconds, not after loading a 70B model.
+    train_records, val_records, questions = load_inputs(config)
+    from transformers import Trainer, set_seed
+
+    set_seed(config.seed)
+    model, tokenizer = load_quantized_base(config)
+    mmlu_base = mmlu_before(config, model, tokenizer, questions)
+    base_metrics = {"MMLU": mmlu_base["MMLU"], "MMLU_micro": mmlu_base["MMLU_micro"]} if mmlu_base else {}
+
+    model = apply_method(model, config)
+    trainable = count_trainable_parameters(model)
+    if hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    trainer = Trainer(model=model, args=training_arguments(config),
+                      train_dataset=tokenized(tokenizer, train_records, config),
+                      eval_dataset=tokenized(tokenizer, val_records, config),
+                      data_collator=InstructionCollator(tokenizer.pad_token_id))
+    base_metrics.update(base_val_loss(trainer, model, config))
+
+    train_started = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(config.resume_from_checkpoint,
+                                                                          config.output_dir))
+    train_time = time.time() - train_started
+    val_loss = trainer.evaluate()["eval_loss"]
+    mmlu_after = evaluate_mmlu(model, tokenizer, questions, config.mmlu_max_length, config.mmlu_batch_size,
+                               progress=True)
+    adapter_bytes = save_adapter(model, Path(config.output_dir) / "adapter")
+
+    results = collect_results(config, trainer, train_output, train_time, val_loss, mmlu_base, mmlu_after,
+                              base_metrics, trainable, adapter_bytes, questions, started)
     markdown = table5_row(config, results)
     results["markdown_row"] = markdown.strip().splitlines()[-1]
     if trainer.is_world_process_zero():
-        path = common.write_results(config.output_dir, results, markdown)
+        path = write_results(config.output_dir, results, markdown)
         print(markdown)
         print(f"instruct: wrote {path}")
     return results
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

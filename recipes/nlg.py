@@ -20,35 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from recipes.common import (
-    METHOD_NAMES,
-    METHODS,
-    AdapterArgs,
-    ModelArgs,
-    RecipeError,
-    apply_method,
-    build_peft_config,
-    check_target_modules,
-    coerce_mapping,
-    config_to_dict,
-    count_trainable_parameters,
-    default_data_root,
-    hub_id,
-    load_config,
-    load_model_and_tokenizer,
-    locate,
-    markdown_table,
-    peak_memory_bytes,
-    resolve_path,
-    resume_checkpoint,
-    run_cli,
-    save_adapter,
-    write_results,
-)
-from recipes.common import training_arguments as common_training_arguments
+from recipes.cli import RecipeError, run_cli
+from recipes.config import AdapterArgs, ModelArgs, coerce_mapping, config_to_dict, load_config
+from recipes.methods import METHODS, apply_method, build_peft_config, check_target_modules, count_trainable_parameters
+from recipes.models import load_model_and_tokenizer
 from recipes.nlg_data import DATASETS, DEFAULT_FILES, WHERE_TO_GET, DataFileError, NLGExample, load_hub_split, read_split
-from recipes.nlg_data import subsample
-from recipes.nlg_data import training_pairs
+from recipes.nlg_data import subsample, training_pairs
+from recipes.nlg_report import (
+    METRIC_SCALES,
+    comparison_markdown,
+    heading_short,
+    paper_markdown,
+    paper_row,
+    plot_params_vs_bleu,
+    printed_metrics,
+    row_label,
+    run_heading,
+)
+from recipes.paths import default_data_root, locate, resolve_path
+from recipes.results import write_results
+from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
+from recipes.training import training_arguments as common_training_arguments
 
 
 @dataclass
@@ -289,124 +281,6 @@ def score(dataset: str, examples: Sequence[NLGExample], hypotheses: Sequence[str
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------------------------
-
-DATASET_TITLES = {"e2e": "E2E NLG", "dart": "DART", "webnlg": "WebNLG 2017"}
-TABLE_COLUMNS = {
-    "e2e": ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"],
-    "dart": ["BLEU", "METEOR", "TER"],
-    "webnlg": ["BLEU_U", "BLEU_S", "BLEU", "METEOR_U", "METEOR_S", "METEOR", "TER_U", "TER_S", "TER"],
-}
-# Metrics the paper prints x100 (E2E: BLEU 70.4, MET 46.8, ROUGE-L 71.8); the rest print on the scorer's scale
-# (NIST 8.85, CIDEr 2.53; DART/WebNLG BLEU is already 0..100, METEOR and TER print as .46).
-PERCENT_METRICS = {"e2e": ("BLEU", "METEOR", "ROUGE_L"), "dart": (), "webnlg": ()}
-
-
-METRIC_SCALES = {
-    dataset: {"metrics": "as the official scorer prints them" + (
-                  " (e2e-metrics measure_scores.py: BLEU, METEOR, ROUGE_L in 0..1)" if dataset == "e2e" else ""),
-              "printed_metrics": "as results.md and the paper print them" + (
-                  " (BLEU, METEOR, ROUGE_L in percent: 0.538 -> 53.8)" if dataset == "e2e" else " (the same)")}
-    for dataset in TABLE_COLUMNS
-}
-
-
-def printed_metrics(metrics: dict[str, float], dataset: str) -> dict[str, float]:
-    """``metrics`` on the scale the tables print: x100 for the metrics the paper gives in percent (E2E BLEU 0.704 ->
-    70.4), the others as they are."""
-    def percent(name: str) -> bool:
-        return (name[:-2] if name.endswith(("_S", "_U")) else name) in PERCENT_METRICS[dataset]
-
-    return {name: round(100 * value if percent(name) else value, 4) for name, value in metrics.items()}
-
-
-def row_label(cfg: NLGConfig) -> str:
-    if cfg.row_label:
-        return cfg.row_label
-    targets = set(cfg.target_modules)
-    where = "MLP" if targets & {"c_fc", "mlp.c_proj", "up_proj", "down_proj", "gate_proj"} else "QV"
-    if cfg.method == "full":
-        return METHOD_NAMES["full"]
-    if cfg.method == "lora":
-        return f"{METHOD_NAMES['lora']} (r={cfg.r})"
-    return f"{METHOD_NAMES[cfg.method]} ({where})"
-
-
-def format_params(n: int | None) -> str:
-    """Trainable parameters the way the paper prints them (e.g. 0.096M)."""
-    return "-" if n is None else f"{n / 1e6:.3f}M"
-
-
-def paper_row(results: dict, dataset: str) -> dict:
-    """One table row as the paper prints it: label, parameter count, and metric strings (E2E "70.4" for BLEU, METEOR
-    and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two)."""
-    row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
-    printed = printed_metrics(results["metrics"], dataset)
-    for name in TABLE_COLUMNS[dataset]:
-        value = printed.get(name)
-        base_name = name[:-2] if name.endswith(("_S", "_U")) else name
-        if value is None:
-            row[name] = None
-        elif base_name in PERCENT_METRICS[dataset]:
-            row[name] = f"{value:.1f}"
-        else:
-            row[name] = f"{value:.2f}"
-    return row
-
-
-def paper_markdown(rows: Sequence[dict], dataset: str) -> str:
-    columns = ["Method", "# Trainable Parameters", *TABLE_COLUMNS[dataset]]
-    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
-    return markdown_table(rows, columns, headers)
-
-
-def model_title(cfg: NLGConfig) -> str:
-    if cfg.model_config is not None:
-        return f"random-init {cfg.model_config.get('model_type', '?')}"
-    name = hub_id(cfg)
-    return f"{name.split('/')[-1]} ({cfg.model_name_or_path})" if name else str(cfg.model_name_or_path)
-
-
-def heading_short(cfg: NLGConfig, results: dict) -> str:
-    """One line: dataset, model, steps, test inputs."""
-    return (f"{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}: {results['train_steps']} steps, "
-            f"{results['test_inputs']} test inputs")
-
-
-def run_heading(cfg: NLGConfig, results: dict) -> str:
-    """What a table's numbers come from: model, data, steps, test inputs, decoding (and the config's table_note)."""
-    decoding = "greedy decoding" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"
-    text = (f"**{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}**: {results['train_steps']} "
-            f"training steps of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
-            f"({results['train_pairs']} training pairs); {results['test_inputs']} test inputs "
-            f"({results['test_references']} references), {decoding} of up to {cfg.max_new_tokens} new tokens.")
-    return f"{text} {cfg.table_note}" if cfg.table_note else text
-
-
-def comparison_markdown(results: dict) -> str:
-    """The comparison table: the un-adapted model, then each run, with parameters, adapter bytes, the paper's metrics
-    and train / decode seconds."""
-    dataset = results["dataset"]
-    metric_columns = TABLE_COLUMNS[dataset]
-    rows = []
-    if results["base_metrics"]:
-        base = {"row_label": "Base model (no training)", "trainable_params": None, "metrics": results["base_metrics"]}
-        rows.append({**paper_row(base, dataset), "Adapter bytes": None, "Train (s)": None,
-                     "Decode (s)": results["base_decode_time_s"]})
-    for run in results["runs"]:
-        rows.append({**paper_row(run, dataset), "# Trainable Parameters": f"{run['trainable_params']:,}",
-                     "Adapter bytes": f"{run['adapter_bytes']:,}", "Train (s)": f"{run['train_time_s']:.0f}",
-                     "Decode (s)": f"{run['decode_time_s']:.0f}"})
-    for row in rows:
-        if isinstance(row["Decode (s)"], float):
-            row["Decode (s)"] = f"{row['Decode (s)']:.0f}"
-    columns = ["Method", "# Trainable Parameters", "Adapter bytes", *metric_columns, "Train (s)", "Decode (s)"]
-    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
-    return markdown_table(rows, columns, headers)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -498,6 +372,120 @@ def run_folder(cfg: NLGConfig, run: NLGConfig) -> Path:
     return out if cfg.compare is None else out / re.sub(r"[^a-z0-9]+", "_", row_label(run).lower()).strip("_")
 
 
+def decode_base(model, tokenizer, cfg: NLGConfig, test: Sequence[NLGExample], device, is_main: bool) -> dict:
+    """The un-adapted model's predictions, scores (on the main process) and decode seconds; empty when
+    ``evaluate_base`` is off."""
+    if not cfg.evaluate_base:
+        return {"predictions": [], "metrics": {}, "decode_time_s": None}
+    model.to(device)
+    tick = time.time()
+    predictions = generate_sharded(model, tokenizer, cfg, [ex.source for ex in test], desc="decoding (base model)")
+    decode_s = round(time.time() - tick, 2)
+    metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower) if is_main else {}
+    return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s}
+
+
+def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequence[NLGExample],
+              base_metrics: dict, is_main: bool) -> tuple[dict | None, list[str]]:
+    """Adapt ``base`` for ``run``, train it with Trainer, decode the test inputs and save the adapter; returns the run's
+    record (None off the main process) and its predictions."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    folder = run_folder(cfg, run)
+    set_seed(run.seed)
+    adapted = apply_method(base, run)
+    trainable = count_trainable_parameters(adapted)
+    train_args = training_arguments(run, folder)
+    trainer = Trainer(
+        model=adapted,
+        args=train_args,
+        train_dataset=PairDataset(tokenizer, run, pairs),
+        # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
+        # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler,
+        # RNG).
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
+    )
+    tick = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
+    train_s = round(time.time() - tick, 2)
+    adapted = trainer.model
+    tick = time.time()
+    predictions = generate_sharded(adapted, tokenizer, run, [ex.source for ex in test],
+                                   desc=f"decoding ({row_label(run)})")
+    decode_s = round(time.time() - tick, 2)
+    if not is_main:
+        return None, predictions
+    adapter_bytes = save_adapter(adapted, folder / "adapter")
+    metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
+    record = {
+        "recipe": "nlg",
+        "config": config_to_dict(run),
+        "method": run.method,
+        "row_label": row_label(run),
+        "dataset": cfg.dataset,
+        "model": cfg.model_name_or_path if cfg.model_config is None
+        else f"random-init {cfg.model_config.get('model_type', '?')}",
+        "trainable_params": int(trainable),
+        "adapter_bytes": int(adapter_bytes),
+        "adapter_dir": str(folder / "adapter"),
+        "metrics": metrics,
+        "printed_metrics": printed_metrics(metrics, cfg.dataset),
+        "metric_scales": METRIC_SCALES[cfg.dataset],
+        "base_metrics": base_metrics,
+        "train_time_s": train_s,
+        "decode_time_s": decode_s,
+        "train_pairs": len(pairs),
+        "test_inputs": len(test),
+        "test_references": sum(len(ex.references) for ex in test),
+        "train_steps": int(train_output.global_step),
+        "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
+        "decoding": {k: getattr(run, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
+                                                   "max_new_tokens", "stop_at_newline")},
+        "device": str(train_args.device),
+        "processes": train_args.world_size,
+    }
+    return record, predictions
+
+
+def write_predictions(path: Path, cfg: NLGConfig, test: Sequence[NLGExample], records: Sequence[dict],
+                      predictions: Sequence[Sequence[str]], base_predictions: Sequence[str]) -> None:
+    """``predictions.jsonl``: per test input its source, references, each run's prediction and the base model's."""
+    with path.open("w", encoding="utf-8") as f:
+        for i, ex in enumerate(test):
+            record = {"source": ex.source, "references": ex.references}
+            if cfg.compare is None:
+                record["prediction"] = predictions[0][i]
+            else:
+                record["predictions"] = {r["row_label"]: p[i] for r, p in zip(records, predictions)}
+            if base_predictions:
+                record["base_prediction"] = base_predictions[i]
+            if ex.category is not None:
+                record["category"] = ex.category
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def summarise(cfg: NLGConfig, out: Path, records: list[dict], base: dict, started: float) -> tuple[dict, str]:
+    """``(results, markdown)``: one run's record and its paper row under the base model's, or a comparison's runs,
+    table and parameters-vs-BLEU plot (written into ``out``)."""
+    base_metrics = base["metrics"]
+    common = {"base_printed_metrics": printed_metrics(base_metrics, cfg.dataset) if base_metrics else {},
+              "base_decode_time_s": base["decode_time_s"], "wall_time_s": round(time.time() - started, 2),
+              "peak_memory_bytes": peak_memory_bytes()}
+    heading = run_heading(cfg, records[0])
+    if cfg.compare is None:
+        results = {**records[0], **common}
+        rows = [paper_row(results, cfg.dataset)]
+        if base_metrics:
+            base_row = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
+            rows.insert(0, paper_row(base_row, cfg.dataset))
+        return results, paper_markdown(rows, cfg.dataset)
+    results = {"recipe": "nlg", "kind": "comparison", "config": config_to_dict(cfg), "dataset": cfg.dataset,
+               "heading": heading, "runs": records, "base_metrics": base_metrics, **common}
+    plot_params_vs_bleu(records, out / "params_vs_bleu.png", title=heading_short(cfg, records[0]))
+    results["plot"] = str(out / "params_vs_bleu.png")
+    return results, f"{heading}\n\n{comparison_markdown(results)}"
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the recipe; returns the results dict (also written to ``output_dir/results.json``)."""
     started = time.time()
@@ -511,121 +499,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for run in runs:
         build_peft_config(run, model)
         check_target_modules(model, run)
-
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.padding_side = "right"
+    train_args = training_arguments(cfg, out)
+    is_main = train_args.process_index == 0
+    base = decode_base(model, tokenizer, cfg, test, train_args.device, is_main)
 
-    sources = [ex.source for ex in test]
-    base_metrics: dict[str, float] = {}
-    base_predictions: list[str] = []
-    base_decode_s = None
-    device = training_arguments(cfg, out).device
-    is_main = training_arguments(cfg, out).process_index == 0
-    if cfg.evaluate_base:
-        model.to(device)
-        tick = time.time()
-        base_predictions = generate_sharded(model, tokenizer, cfg, sources, desc="decoding (base model)")
-        base_decode_s = round(time.time() - tick, 2)
-        if is_main:
-            base_metrics = score(cfg.dataset, test, base_predictions, cfg.score_tokenize_lower)
-
-    all_results: list[dict] = []
-    all_predictions: list[list[str]] = []
+    records, predictions = [], []
     for number, run in enumerate(runs):
-        folder = run_folder(cfg, run)
         # Each run of a comparison starts from the same un-adapted weights; the last one may consume them.
-        base = model if number == len(runs) - 1 else copy.deepcopy(model)
-        set_seed(run.seed)
-        adapted = apply_method(base, run)
-        trainable = count_trainable_parameters(adapted)
-        train_args = training_arguments(run, folder)
-        trainer = Trainer(
-            model=adapted,
-            args=train_args,
-            train_dataset=PairDataset(tokenizer, run, pairs),
-            # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
-            # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler,
-            # RNG).
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
-        )
-        tick = time.time()
-        train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
-        train_s = round(time.time() - tick, 2)
-        adapted = trainer.model
-        tick = time.time()
-        predictions = generate_sharded(adapted, tokenizer, run, sources, desc=f"decoding ({row_label(run)})")
-        decode_s = round(time.time() - tick, 2)
-        if not is_main:
-            continue
-        adapter_bytes = save_adapter(adapted, folder / "adapter")
-        metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
-        all_predictions.append(predictions)
-        all_results.append({
-            "recipe": "nlg",
-            "config": config_to_dict(run),
-            "method": run.method,
-            "row_label": row_label(run),
-            "dataset": cfg.dataset,
-            "model": cfg.model_name_or_path if cfg.model_config is None
-            else f"random-init {cfg.model_config.get('model_type', '?')}",
-            "trainable_params": int(trainable),
-            "adapter_bytes": int(adapter_bytes),
-            "adapter_dir": str(folder / "adapter"),
-            "metrics": metrics,
-            "printed_metrics": printed_metrics(metrics, cfg.dataset),
-            "metric_scales": METRIC_SCALES[cfg.dataset],
-            "base_metrics": base_metrics,
-            "train_time_s": train_s,
-            "decode_time_s": decode_s,
-            "train_pairs": len(pairs),
-            "test_inputs": len(test),
-            "test_references": sum(len(ex.references) for ex in test),
-            "train_steps": int(train_output.global_step),
-            "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
-            "decoding": {k: getattr(run, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
-                                                       "max_new_tokens", "stop_at_newline")},
-            "device": str(train_args.device),
-            "processes": train_args.world_size,
-        })
-        del trainer, adapted, base
+        start_from = model if number == len(runs) - 1 else copy.deepcopy(model)
+        record, run_predictions = train_run(cfg, run, start_from, tokenizer, pairs, test, base["metrics"], is_main)
+        records.append(record)
+        predictions.append(run_predictions)
+        del start_from
     if not is_main:
         return {}
 
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for i, ex in enumerate(test):
-            record = {"source": ex.source, "references": ex.references}
-            if cfg.compare is None:
-                record["prediction"] = all_predictions[0][i]
-            else:
-                record["predictions"] = {r["row_label"]: p[i] for r, p in zip(all_results, all_predictions)}
-            if base_predictions:
-                record["base_prediction"] = base_predictions[i]
-            if ex.category is not None:
-                record["category"] = ex.category
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    base_printed = printed_metrics(base_metrics, cfg.dataset) if base_metrics else {}
-    common = {"base_printed_metrics": base_printed, "base_decode_time_s": base_decode_s,
-              "wall_time_s": round(time.time() - started, 2), "peak_memory_bytes": peak_memory_bytes()}
-    heading = run_heading(cfg, all_results[0])
-    if cfg.compare is None:
-        results = {**all_results[0], **common}
-        rows = [paper_row(results, cfg.dataset)]
-        if base_metrics:
-            base = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
-            rows.insert(0, paper_row(base, cfg.dataset))
-        markdown = paper_markdown(rows, cfg.dataset)
-    else:
-        from recipes.nlg_report import plot_params_vs_bleu
-
-        results = {"recipe": "nlg", "kind": "comparison", "config": config_to_dict(cfg), "dataset": cfg.dataset,
-                   "heading": heading, "runs": all_results, "base_metrics": base_metrics, **common}
-        markdown = f"{heading}\n\n{comparison_markdown(results)}"
-        plot_params_vs_bleu(all_results, out / "params_vs_bleu.png", title=heading_short(cfg, all_results[0]))
-        results["plot"] = str(out / "params_vs_bleu.png")
+    write_predictions(out / "predictions.jsonl", cfg, test, records, predictions, base["predictions"])
+    results, markdown = summarise(cfg, out, records, base, started)
     write_results(out, results, markdown)
     print(markdown)
     print(f"results written to {out / 'results.json'}" + (

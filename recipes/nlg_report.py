@@ -8,8 +8,126 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
-from recipes.nlg import DATASET_TITLES, paper_markdown, paper_row, printed_metrics
+from recipes.methods import METHOD_NAMES
+from recipes.models import hub_id
+from recipes.results import markdown_table
+
+
+DATASET_TITLES = {"e2e": "E2E NLG", "dart": "DART", "webnlg": "WebNLG 2017"}
+TABLE_COLUMNS = {
+    "e2e": ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"],
+    "dart": ["BLEU", "METEOR", "TER"],
+    "webnlg": ["BLEU_U", "BLEU_S", "BLEU", "METEOR_U", "METEOR_S", "METEOR", "TER_U", "TER_S", "TER"],
+}
+# Metrics the paper prints x100 (E2E: BLEU 70.4, MET 46.8, ROUGE-L 71.8); the rest print on the scorer's scale
+# (NIST 8.85, CIDEr 2.53; DART/WebNLG BLEU is already 0..100, METEOR and TER print as .46).
+PERCENT_METRICS = {"e2e": ("BLEU", "METEOR", "ROUGE_L"), "dart": (), "webnlg": ()}
+
+
+METRIC_SCALES = {
+    dataset: {"metrics": "as the official scorer prints them" + (
+                  " (e2e-metrics measure_scores.py: BLEU, METEOR, ROUGE_L in 0..1)" if dataset == "e2e" else ""),
+              "printed_metrics": "as results.md and the paper print them" + (
+                  " (BLEU, METEOR, ROUGE_L in percent: 0.538 -> 53.8)" if dataset == "e2e" else " (the same)")}
+    for dataset in TABLE_COLUMNS
+}
+
+
+def printed_metrics(metrics: dict[str, float], dataset: str) -> dict[str, float]:
+    """``metrics`` on the scale the tables print: x100 for the metrics the paper gives in percent (E2E BLEU 0.704 ->
+    70.4), the others as they are."""
+    def percent(name: str) -> bool:
+        return (name[:-2] if name.endswith(("_S", "_U")) else name) in PERCENT_METRICS[dataset]
+
+    return {name: round(100 * value if percent(name) else value, 4) for name, value in metrics.items()}
+
+
+def row_label(cfg) -> str:
+    if cfg.row_label:
+        return cfg.row_label
+    targets = set(cfg.target_modules)
+    where = "MLP" if targets & {"c_fc", "mlp.c_proj", "up_proj", "down_proj", "gate_proj"} else "QV"
+    if cfg.method == "full":
+        return METHOD_NAMES["full"]
+    if cfg.method == "lora":
+        return f"{METHOD_NAMES['lora']} (r={cfg.r})"
+    return f"{METHOD_NAMES[cfg.method]} ({where})"
+
+
+def format_params(n: int | None) -> str:
+    """Trainable parameters the way the paper prints them (e.g. 0.096M)."""
+    return "-" if n is None else f"{n / 1e6:.3f}M"
+
+
+def paper_row(results: dict, dataset: str) -> dict:
+    """One table row as the paper prints it: label, parameter count, and metric strings (E2E "70.4" for BLEU, METEOR
+    and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two)."""
+    row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
+    printed = printed_metrics(results["metrics"], dataset)
+    for name in TABLE_COLUMNS[dataset]:
+        value = printed.get(name)
+        base_name = name[:-2] if name.endswith(("_S", "_U")) else name
+        if value is None:
+            row[name] = None
+        elif base_name in PERCENT_METRICS[dataset]:
+            row[name] = f"{value:.1f}"
+        else:
+            row[name] = f"{value:.2f}"
+    return row
+
+
+def paper_markdown(rows: Sequence[dict], dataset: str) -> str:
+    columns = ["Method", "# Trainable Parameters", *TABLE_COLUMNS[dataset]]
+    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
+    return markdown_table(rows, columns, headers)
+
+
+def model_title(cfg) -> str:
+    if cfg.model_config is not None:
+        return f"random-init {cfg.model_config.get('model_type', '?')}"
+    name = hub_id(cfg)
+    return f"{name.split('/')[-1]} ({cfg.model_name_or_path})" if name else str(cfg.model_name_or_path)
+
+
+def heading_short(cfg, results: dict) -> str:
+    """One line: dataset, model, steps, test inputs."""
+    return (f"{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}: {results['train_steps']} steps, "
+            f"{results['test_inputs']} test inputs")
+
+
+def run_heading(cfg, results: dict) -> str:
+    """What a table's numbers come from: model, data, steps, test inputs, decoding (and the config's table_note)."""
+    decoding = "greedy decoding" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"
+    text = (f"**{DATASET_TITLES.get(cfg.dataset, cfg.dataset)}, {model_title(cfg)}**: {results['train_steps']} "
+            f"training steps of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} "
+            f"({results['train_pairs']} training pairs); {results['test_inputs']} test inputs "
+            f"({results['test_references']} references), {decoding} of up to {cfg.max_new_tokens} new tokens.")
+    return f"{text} {cfg.table_note}" if cfg.table_note else text
+
+
+def comparison_markdown(results: dict) -> str:
+    """The comparison table: the un-adapted model, then each run, with parameters, adapter bytes, the paper's metrics
+    and train / decode seconds."""
+    dataset = results["dataset"]
+    metric_columns = TABLE_COLUMNS[dataset]
+    rows = []
+    if results["base_metrics"]:
+        base = {"row_label": "Base model (no training)", "trainable_params": None, "metrics": results["base_metrics"]}
+        rows.append({**paper_row(base, dataset), "Adapter bytes": None, "Train (s)": None,
+                     "Decode (s)": results["base_decode_time_s"]})
+    for run in results["runs"]:
+        rows.append({**paper_row(run, dataset), "# Trainable Parameters": f"{run['trainable_params']:,}",
+                     "Adapter bytes": f"{run['adapter_bytes']:,}", "Train (s)": f"{run['train_time_s']:.0f}",
+                     "Decode (s)": f"{run['decode_time_s']:.0f}"})
+    for row in rows:
+        if isinstance(row["Decode (s)"], float):
+            row["Decode (s)"] = f"{row['Decode (s)']:.0f}"
+    columns = ["Method", "# Trainable Parameters", "Adapter bytes", *metric_columns, "Train (s)", "Decode (s)"]
+    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
+    return markdown_table(rows, columns, headers)
+
 
 
 def find_results(paths: list[str]) -> list[dict]:

@@ -31,25 +31,14 @@ from typing import Sequence
 
 import numpy as np
 
-from recipes.common import (
-    AdapterArgs,
-    ModelArgs,
-    RecipeError,
-    build_peft_config,
-    config_to_dict,
-    latest_complete_checkpoint,
-    load_config,
-    locate,
-    markdown_table,
-    names_module,
-    peak_memory_bytes,
-    resolve_path,
-    training_arguments,
-    run_cli,
-    save_adapter,
-    split_model_config,
-    write_results,
-)
+from peft_nola.tuners.lowrank import names_module
+from recipes.cli import RecipeError, run_cli
+from recipes.config import AdapterArgs, ModelArgs, config_to_dict, load_config
+from recipes.methods import build_peft_config
+from recipes.models import split_model_config
+from recipes.paths import locate, resolve_path
+from recipes.results import markdown_table, write_results
+from recipes.training import latest_complete_checkpoint, peak_memory_bytes, save_adapter, training_arguments
 from recipes.vision_data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -619,35 +608,29 @@ def validate(cfg: VisionConfig) -> None:
         raise RecipeError("lr_grid is empty")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = load_config(VisionConfig, argv)
-    validate(cfg)
-    if cfg.model_config is None:
-        _model_location(cfg)  # a missing local model path fails before the data is read
-    started = time.time()
+def load_data(cfg: VisionConfig) -> tuple[LabeledImages, LabeledImages]:
+    """(train, test) images per the config: local files under data_dir, or a hub dataset."""
     data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else None
 
     def in_data_dir(name):
         return None if name is None else str(locate(name, data_dir))
 
-    gc_was_frozen = gc.get_freeze_count()
-    try:
-        train, test = load_splits(data_dir, cfg.hub_dataset, cfg.hub_config, cfg.train_split, cfg.test_split,
-                                  cfg.image_column, cfg.label_column, cfg.exclude_classes,
-                                  in_data_dir(cfg.train_list), in_data_dir(cfg.test_list))
-        base_model = load_base_model(cfg, train.classes)
-        protocol = Protocol(cfg, train, test, base_model)
-        # Draw every k-shot set up front: a class with too few images fails before any training.
-        for k in cfg.shots:
-            for s in range(cfg.sample_sets):
-                protocol.kshot(k, s)
-        # Trainer runs gc.collect() after every run; without freezing the long-lived objects (library modules,
-        # the image index) each collection walks all of them, which dominates short few-shot runs.
-        import peft  # noqa: F401  (imported before the freeze so its objects are frozen too)
-        from transformers import Trainer  # noqa: F401
+    return load_splits(data_dir, cfg.hub_dataset, cfg.hub_config, cfg.train_split, cfg.test_split,
+                       cfg.image_column, cfg.label_column, cfg.exclude_classes,
+                       in_data_dir(cfg.train_list), in_data_dir(cfg.test_list))
 
-        gc.collect()
-        gc.freeze()
+
+def run_methods(cfg: VisionConfig, protocol: Protocol) -> dict[str, dict]:
+    """Every method's cells (one per shot count: mean, std and runs), printed as they finish."""
+    gc_was_frozen = gc.get_freeze_count()
+    # Trainer runs gc.collect() after every run; without freezing the long-lived objects (library modules,
+    # the image index) each collection walks all of them, which dominates short few-shot runs.
+    import peft  # noqa: F401  (imported before the freeze so its objects are frozen too)
+    from transformers import Trainer  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    try:
         per_method: dict[str, dict] = {}
         for method in cfg.methods:
             entry = per_method.setdefault(method, dict(label=METHOD_PRESETS[method]["label"],
@@ -659,19 +642,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 entry["adapter_bytes"] = cell["adapter_bytes"]
                 print(f"[vision] {method} {k}-shot: top1 {cell['top1_mean']:.2f} ± {cell['top1_std']:.2f} "
                       f"over {len(cell['runs'])} runs (lr {cell['learning_rate']})", flush=True)
-    except DataError as exc:
-        raise RecipeError(str(exc)) from None
+        return per_method
     finally:
         if not gc_was_frozen:
             gc.unfreeze()
 
+
+def summarise(cfg: VisionConfig, per_method: dict[str, dict], name: str, classes: int, test_images: int,
+              started: float) -> tuple[dict, str]:
+    """``(results, markdown)``: the first method's first cell as the headline metric, every cell by name, Table 6."""
     first = per_method[cfg.methods[0]]
     first_cell = first["shots"][str(cfg.shots[0])]
     metrics = {"top1": first_cell["top1_mean"], "top1_std": first_cell["top1_std"]}
     for method, entry in per_method.items():
         for k, cell in entry["shots"].items():
             metrics[f"top1/{method}/{k}shot"] = cell["top1_mean"]
-    name = model_label(cfg, base_model)
     markdown = (f"# Few-shot top-1 (%) on {cfg.dataset}: mean ± std over {cfg.sample_sets} sample sets x "
                 f"{cfg.inits} inits (1-NN: sample sets only)\n\n" + table6_markdown(name, cfg.dataset, per_method, cfg.shots))
     results = {
@@ -686,11 +671,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "peak_memory_bytes": peak_memory_bytes(),
         "model": name,
         "dataset": cfg.dataset,
-        "classes": len(train.classes),
-        "test_images": len(protocol.test),
+        "classes": classes,
+        "test_images": test_images,
         "top1_unit": "percent",
         "per_method": per_method,
     }
+    return results, markdown
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the protocol for every method and shot count; returns the results dict (also in ``results.json``)."""
+    cfg = load_config(VisionConfig, argv)
+    validate(cfg)
+    if cfg.model_config is None:
+        _model_location(cfg)  # a missing local model path fails before the data is read
+    started = time.time()
+    try:
+        train, test = load_data(cfg)
+        base_model = load_base_model(cfg, train.classes)
+        protocol = Protocol(cfg, train, test, base_model)
+        # Draw every k-shot set up front: a class with too few images fails before any training.
+        for k in cfg.shots:
+            for s in range(cfg.sample_sets):
+                protocol.kshot(k, s)
+        per_method = run_methods(cfg, protocol)
+    except DataError as exc:
+        raise RecipeError(str(exc)) from None
+    results, markdown = summarise(cfg, per_method, model_label(cfg, base_model), len(train.classes),
+                                  len(protocol.test), started)
     path = write_results(cfg.output_dir, results, markdown)
     print(markdown)
     print(f"[vision] wrote {path}")

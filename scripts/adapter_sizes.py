@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.common import ModelArgs, load_model_and_tokenizer  # noqa: E402
+from recipes.config import ModelArgs  # noqa: E402
+from recipes.models import load_model_and_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

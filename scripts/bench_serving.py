@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig  # noqa: E402
-from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
+from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
 
 VARIANTS = ("nola", "lora", "merged")
 # The CPU targets.

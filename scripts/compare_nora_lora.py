@@ -22,7 +22,9 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_nola import NoraConfig  # noqa: E402
-from recipes.common import ModelArgs, default_data_root, load_model_and_tokenizer  # noqa: E402
+from recipes.config import ModelArgs  # noqa: E402
+from recipes.models import load_model_and_tokenizer  # noqa: E402
+from recipes.paths import default_data_root  # noqa: E402
 from recipes.nlg_data import read_e2e, training_pairs  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]

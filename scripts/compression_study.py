@@ -42,16 +42,12 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.common import (  # noqa: E402
-    RecipeError,
-    _unknown_key_error,
-    config_to_dict,
-    load_config,
-    markdown_table,
-    resolve_path,
-    run_cli,
-)
-from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
+from recipes.cli import RecipeError, run_cli  # noqa: E402
+from recipes.config import _unknown_key_error, config_to_dict, load_config  # noqa: E402
+from recipes.nlg import NLGConfig, validate  # noqa: E402
+from recipes.nlg_report import PERCENT_METRICS, TABLE_COLUMNS  # noqa: E402
+from recipes.paths import resolve_path  # noqa: E402
+from recipes.results import markdown_table  # noqa: E402
 
 STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs",
               "widen_grid", "selection_metric", "common", "settings", "claim", "paper_reference"}

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_nola  # noqa: E402
 from peft_nola.export import export_lora  # noqa: E402
-from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
+from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
 
 
 def size(path: Path) -> int:

@@ -38,7 +38,8 @@ import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig  # noqa: E402
 from peft_nola import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from peft_nola.quantization import SCHEMES  # noqa: E402
-from recipes.common import markdown_table, peak_memory_bytes, write_results  # noqa: E402
+from recipes.results import markdown_table, write_results  # noqa: E402
+from recipes.training import peak_memory_bytes  # noqa: E402
 
 PTQ_BITS = (16, 8, 4, 3, 2)
 QAT_BITS = (3, 2)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from recipes.common import RecipeError
+from recipes.cli import RecipeError
 from tests.conftest import REPO_ROOT, shared_data_dir
 
 DATA = shared_data_dir()

@@ -254,7 +254,8 @@ def test_nlg_recipe_under_torchrun_writes_one_sane_result(tmp_path):
     # process, with the saved adapter on a freshly built base gives the same predictions in the same order.
     from peft import PeftModel
 
-    from recipes.common import load_config, load_model_and_tokenizer
+    from recipes.config import load_config
+    from recipes.models import load_model_and_tokenizer
     from recipes.nlg import NLGConfig, generate
 
     cfg = load_config(NLGConfig, recipe_args)

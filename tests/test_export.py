@@ -384,7 +384,7 @@ def test_gguf_row_order_matches_a_real_llama_cpp_file():
     from transformers import AutoModelForCausalLM
 
     from peft_nola.export import _llama_permute
-    from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir
+    from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir
 
     path = smollm2_package_dir() / SMOLLM2_GGUF_FILE
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -439,7 +439,7 @@ def test_llama_cpp_serves_the_exported_gguf_adapter_like_peft_nola(tmp_path):
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.common import SMOLLM2_GGUF_FILE, smollm2_package_dir
+    from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir
 
     gguf_path = smollm2_package_dir() / SMOLLM2_GGUF_FILE
     base = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,

@@ -19,7 +19,7 @@ from recipes.alpaca_data import (
     split_train_validation,
     tokenize_example,
 )
-from recipes.common import RecipeError
+from recipes.cli import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("PEFT_NOLA_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -122,7 +122,7 @@ def test_unknown_config_key_and_bad_settings_fail_before_loading(tmp_path):
 
 
 def test_full_precision_is_selectable_from_the_command_line():
-    from recipes.common import load_config
+    from recipes.config import load_config
     from recipes.instruct import InstructConfig, validate_config
 
     config = load_config(InstructConfig, ["--config", str(CONFIGS / "smoke.yaml"), "--quantization", "none"])
@@ -145,7 +145,7 @@ PAPER_CELLS = {  # Table 5: NOLA r=16 with k=l=128/256/512, lr 1e-3, c=4; LoRA r
 
 @pytest.mark.parametrize("name", sorted(PAPER_CELLS))
 def test_table5_configs_hold_the_paper_settings(name):
-    from recipes.common import load_config
+    from recipes.config import load_config
     from recipes.instruct import InstructConfig
 
     config = load_config(InstructConfig, ["--config", str(CONFIGS / name)])
@@ -165,7 +165,8 @@ def test_kbit_loading_quantizes_every_adapted_linear_layer(bits):
         pytest.skip(f"GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
     import bitsandbytes as bnb
 
-    from recipes.common import load_base_model, load_config
+    from recipes.config import load_config
+    from recipes.models import load_base_model
     from recipes.instruct import InstructConfig
 
     config = load_config(InstructConfig, ["--config", str(CONFIGS / "smoke.yaml"),

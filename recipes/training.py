@@ -1,0 +1,96 @@
+"""The Trainer side every recipe shares: ``TrainingArguments``, what ``resume_from_checkpoint`` means (``true``:
+the newest checkpoint Trainer finished writing; a folder torn by a kill mid-save is skipped), saving the adapter
+(returns its bytes) and peak memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from recipes.cli import RecipeError
+from recipes.models import make_saveable
+from recipes.paths import resolve_path
+
+
+def training_arguments(output_dir: str | os.PathLike, **fields):
+    """``transformers.TrainingArguments`` for a recipe's run: its own ``fields`` over the settings every recipe here
+    shares (columns kept for the collators, no experiment trackers unless asked, every trainable parameter used in
+    every forward under DDP, the CPU when there is no GPU)."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    shared = dict(remove_unused_columns=False, report_to="none", ddp_find_unused_parameters=False, use_cpu=not cuda,
+                  dataloader_pin_memory=cuda)
+    return TrainingArguments(output_dir=str(output_dir), **{**shared, **fields})
+
+
+def save_adapter(model, output_dir: str | os.PathLike) -> int:
+    """Save the trained adapter (or the full model for ``full``) and return the bytes of its weight files.
+
+    Saved with :func:`peft_nola.save_pretrained_atomic`: an interrupted save leaves the previous files complete.
+    """
+    from peft_nola import save_pretrained_atomic
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = getattr(model, "get_base_model", lambda: model)()
+    make_saveable(base)
+    save_pretrained_atomic(model, out, **_embedding_kwargs(model))
+    weight_files = [p for p in out.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return sum(p.stat().st_size for p in weight_files)
+
+
+def _embedding_kwargs(model) -> dict:
+    """``save_embedding_layers=False`` for an adapter that adapts no embedding: peft's default ("auto") then looks
+    the base model up on the hub to see whether the vocabulary was resized (recipes never resize it), which offline
+    prints two warnings on every save."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None)
+    if config is None or not isinstance(targets, (set, list, tuple)):
+        return {}
+    return {} if set(targets) & set(EMBEDDING_LAYER_NAMES) else {"save_embedding_layers": False}
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` that Trainer finished writing, or None.
+
+    Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a folder without it; Trainer's
+    own ``resume_from_checkpoint=True`` would pick that torn folder and fail (or resume from a half-written state).
+    """
+    complete = [p for p in Path(output_dir).glob("checkpoint-*")
+                if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder ``resume_from_checkpoint: value`` resumes from, or None to start afresh.
+
+    ``true`` is the newest complete checkpoint in ``output_dir``; anything else names a folder. Raises
+    :class:`RecipeError` when there is no such checkpoint, so recipes call it before any work starts.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "true", "True"):
+        latest = latest_complete_checkpoint(output_dir)
+        if latest is None:
+            raise RecipeError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder "
+                              "(one with a trainer_state.json): train with save_strategy steps/epoch first, or pass "
+                              "a checkpoint folder")
+        return str(latest)
+    if not resolve_path(value).is_dir():
+        raise RecipeError(f"resume_from_checkpoint folder not found: {value}")
+    return str(resolve_path(value))
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated (CUDA) or the process's peak resident set size (CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB.
