@@ -5,6 +5,7 @@ method has is tested in ``test_nola_model.py`` and ``test_nora.py``."""
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -138,22 +139,24 @@ for line in sys.stdin:
 def new_process():
     """``load(adapter_dir, ids_file) -> bytes``: the logits of tiny_gpt2 with the adapter, computed in another Python
     process (started once for this module)."""
-    child = subprocess.Popen([sys.executable, "-c", LOADER, str(REPO_ROOT)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: warnings never fill a buffer nobody reads
+        child = subprocess.Popen([sys.executable, "-c", LOADER, str(REPO_ROOT)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr)
 
-    def load(adapter_dir, ids_file) -> bytes:
-        child.stdin.write(f"{adapter_dir}\t{ids_file}\n".encode())
-        child.stdin.flush()
-        header = child.stdout.read(8)
-        if len(header) < 8:
-            raise AssertionError(f"the loading process ended: {child.stderr.read().decode()[-3000:]}")
-        answer = child.stdout.read(int.from_bytes(header, "little"))
-        assert answer[:1] == b"+", answer[1:].decode()
-        return answer[1:]
+        def load(adapter_dir, ids_file) -> bytes:
+            child.stdin.write(f"{adapter_dir}\t{ids_file}\n".encode())
+            child.stdin.flush()
+            header = child.stdout.read(8)
+            if len(header) < 8:
+                stderr.seek(0)
+                raise AssertionError(f"the loading process ended: {stderr.read().decode()[-3000:]}")
+            answer = child.stdout.read(int.from_bytes(header, "little"))
+            assert answer[:1] == b"+", answer[1:].decode()
+            return answer[1:]
 
-    yield load
-    child.stdin.close()
-    child.wait(timeout=60)
+        yield load
+        child.stdin.close()
+        child.wait(timeout=60)
 
 
 @pytest.mark.parametrize("method", EVERY_METHOD + cases(NORA_STORED))
