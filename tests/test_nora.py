@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 from peft_nola import GPT2_QV_SLICES, NoraConfig, NoraLayer
 
 from .conftest import tiny_gpt2, tiny_llama
-from .methods import c_attn_block
+from .tuner_cases import c_attn_block
 
 R, INNER = 8, 2
 

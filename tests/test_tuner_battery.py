@@ -1,7 +1,7 @@
-"""The battery every tuner runs, as peft's ``tests/testing_common.py``: NOLA in each basis mode and NoRA (``methods.py``)
-on the tiny models of ``conftest.py``. Each property is checked against an independent reference: the base model's
-output, the method's update computed from its definition, each adapter run alone, another process. What only one
-method has is tested in ``test_nola_model.py`` and ``test_nora.py``."""
+"""The battery every tuner runs, as peft's ``tests/testing_common.py``: NOLA in each basis mode and NoRA (the cases
+in ``tuner_cases.py``) on the tiny models of ``conftest.py``. Each property is checked against an independent
+reference: the base model's output, the method's update computed from its definition, each adapter run alone, another
+process. What only one method has is tested in ``test_nola_model.py`` and ``test_nora.py``."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
 
 from .conftest import REPO_ROOT, assert_mixed_batch_matches_single_adapters, tiny_gpt2, tiny_llama, train_with_trainer
-from .methods import EVERY_METHOD, N_EMBD, NORA_STORED, ONE_PER_METHOD, SETTINGS, cases
+from .tuner_cases import EVERY_METHOD, N_EMBD, NORA_STORED, ONE_PER_METHOD, SETTINGS, cases
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -54,7 +54,7 @@ def test_identity_at_init_and_gradients_reach_the_trainable_tensors(method, sett
 # ----------------------------------------------------------------------------------------------- the formula
 @pytest.mark.parametrize("method", EVERY_METHOD)
 def test_the_update_is_its_definition_in_the_adapted_blocks_only(method):
-    """ΔW computed here from the adapter's tensors and the method's definition (``methods.py``), in the q and v
+    """ΔW computed here from the adapter's tensors and the method's definition (``tuner_cases.py``), in the q and v
     thirds of c_attn; the key third is exactly 0."""
     model = get_peft_model(tiny_gpt2(), method.config("gpt2-qv", **method.definition_kwargs))
     for index in range(2):
