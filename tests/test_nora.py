@@ -1,17 +1,16 @@
-"""NoRA as a peft tuner, each property checked against an independent reference."""
+"""What only NoRA has (SVD outer factors, the σ-informed start, the weight fingerprint), each property checked against
+an independent reference; the properties every tuner shares are in test_tuner_battery.py."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
 
 from peft_nola import GPT2_QV_SLICES, NoraConfig, NoraLayer
 
-from .conftest import assert_mixed_batch_matches_single_adapters, REPO_ROOT, TinyCNN, seeded, tiny_gpt2, tiny_llama, train_with_trainer
+from .conftest import tiny_gpt2, tiny_llama
+from .tuner_cases import c_attn_block
 
 R, INNER = 8, 2
 
@@ -24,37 +23,6 @@ def qv_config(**kwargs):
 
 def nora_layers(model):
     return [m for m in model.modules() if isinstance(m, NoraLayer)]
-
-
-def c_attn_block(model_or_base, layer: int, block: int) -> torch.Tensor:
-    """Block ``block`` (0 = q, 2 = v) of c_attn's weight as a (out, in) float64 matrix, read from the base model."""
-    base = model_or_base.get_base_model() if hasattr(model_or_base, "get_base_model") else model_or_base
-    conv = base.transformer.h[layer].attn.c_attn
-    weight = getattr(conv, "base_layer", conv).weight.detach().double().T  # Conv1D stores (in, out)
-    n = weight.shape[1]
-    return weight[block * n : (block + 1) * n]
-
-
-@pytest.mark.parametrize("make, make_config, make_input", [
-    (tiny_gpt2, qv_config, lambda: {"input_ids": torch.randint(1, 96, (2, 7))}),
-    (tiny_llama, lambda: NoraConfig(r=R, inner_r=INNER, target_modules=["q_proj", "v_proj", "down_proj"]),
-     lambda: {"input_ids": torch.randint(1, 96, (2, 7))}),
-    (lambda: seeded(TinyCNN), lambda: NoraConfig(r=4, inner_r=2, target_modules=["conv0", "conv1"]),
-     lambda: {"x": torch.randn(2, 3, 8, 8)}),
-], ids=["gpt2-qv", "llama", "cnn"])
-def test_identity_at_init_and_gradients_reach_the_inner_lora(make, make_config, make_input):
-    base, config, inputs = make(), make_config(), make_input()
-    with torch.no_grad():
-        expected = base(**inputs)
-    expected = getattr(expected, "logits", expected)
-    model = get_peft_model(base, config)
-    out = model(**inputs)
-    out = getattr(out, "logits", out)
-    assert torch.equal(out.detach(), expected)
-    out.pow(2).mean().backward()
-    for layer in nora_layers(model):
-        assert layer.nora_inner_A["default"].grad.abs().sum() > 0
-        assert layer.nora_inner_B["default"].grad.abs().sum() > 0
 
 
 def test_outer_factors_and_sigma_informed_start():
@@ -76,70 +44,11 @@ def test_outer_factors_and_sigma_informed_start():
         assert torch.equal(inner, layer.nora_core0["default"][slot])
 
 
-def test_delta_weight_matches_the_definition():
-    """ΔW = (nora_alpha / inner_r) · U_r (A B − C₀) V_rᵀ in the q and v blocks, zero in the k block."""
-    model = get_peft_model(tiny_gpt2(), qv_config(init_weights=False, nora_alpha=3.0))
-    layer = model.base_model.model.transformer.h[0].attn.c_attn
-    n = 32
-    expected = torch.zeros(3 * n, n)
-    for slot, block in enumerate([0, 2]):
-        U, Vt = layer.nora_U["default"][slot], layer.nora_Vt["default"][slot]
-        A, B = layer.nora_inner_A["default"][slot].detach(), layer.nora_inner_B["default"][slot].detach()
-        C0 = torch.diag(torch.linalg.svdvals(c_attn_block(model, 0, block))[:R].float() * (torch.arange(R) < INNER))
-        expected[block * n : (block + 1) * n] = (3.0 / INNER) * U @ (A @ B - C0) @ Vt
-    torch.testing.assert_close(layer.get_delta_weight("default"), expected.T, atol=1e-5, rtol=1e-4)
-
-
 def test_parameter_count_is_2_r_inner_r_per_block():
     model = get_peft_model(tiny_gpt2(), qv_config(r=6, inner_r=3))
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * (2 * 6 * 3)  # 2 layers x (q, v)
     model = get_peft_model(tiny_llama(), NoraConfig(r=5, inner_r=4, target_modules=["q_proj", "k_proj"]))
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * (2 * 5 * 4)
-
-
-def test_merge_unmerge_and_loss_decreases(tmp_path, token_ids):
-    model = get_peft_model(tiny_llama(), NoraConfig(r=8, inner_r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
-    before, after = train_with_trainer(model, tmp_path, learning_rate=1e-1)
-    assert after < before - 0.05
-    originals = [layer.get_base_layer().weight.detach().clone() for layer in nora_layers(model)]
-    with torch.no_grad():
-        unmerged = model(token_ids).logits
-        model.merge_adapter()
-        merged = model(token_ids).logits
-        model.unmerge_adapter()
-    assert (merged - unmerged).abs().max() < 1e-5
-    for layer, original in zip(nora_layers(model), originals):
-        torch.testing.assert_close(layer.get_base_layer().weight, original, atol=1e-6, rtol=0)
-
-
-LOAD = """
-import sys, torch, peft_nola
-from peft import PeftModel
-sys.path.insert(0, sys.argv[3])
-from tests.conftest import tiny_gpt2
-model = PeftModel.from_pretrained(tiny_gpt2(), sys.argv[1]).eval()
-with torch.no_grad():
-    sys.stdout.buffer.write(model(torch.load(sys.argv[2])).logits.numpy().tobytes())
-"""
-
-
-@pytest.mark.parametrize("store", [False, True], ids=["recompute", "store"])
-def test_save_load_in_a_new_process_both_storage_modes(tmp_path, token_ids, store):
-    model = get_peft_model(tiny_gpt2(), qv_config(init_weights=False, store_outer_factors=store))
-    with torch.no_grad():
-        expected = model(token_ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    kinds = {key.rsplit(".", 1)[-1] for key in tensors}
-    if store:
-        assert kinds == {"nora_inner_A", "nora_inner_B", "nora_U", "nora_Vt", "nora_core0"}
-    else:
-        assert kinds == {"nora_inner_A", "nora_inner_B"}
-        assert sum(t.numel() for t in tensors.values()) == 2 * 2 * 2 * R * INNER
-    torch.save(token_ids, tmp_path / "ids.pt")
-    out = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "adapter"), str(tmp_path / "ids.pt"),
-                          str(REPO_ROOT)], capture_output=True, check=True).stdout
-    assert out == expected.numpy().tobytes()
 
 
 def test_recomputed_factors_refuse_other_base_weights_stored_ones_do_not(tmp_path, token_ids):
@@ -154,13 +63,6 @@ def test_recomputed_factors_refuse_other_base_weights_stored_ones_do_not(tmp_pat
     stored.save_pretrained(tmp_path / "store")
     loaded = PeftModel.from_pretrained(tiny_gpt2(seed=1), tmp_path / "store")
     assert torch.equal(loaded.base_model.model.transformer.h[0].attn.c_attn.get_delta_weight("default"), delta)
-
-
-def test_mixed_batch_equals_per_sample_outputs(token_ids):
-    model = get_peft_model(tiny_gpt2(), qv_config(init_weights=False), adapter_name="task1")
-    model.add_adapter("task2", qv_config(init_weights=False, r=4, inner_r=4, nora_alpha=1.0))
-    model.eval()
-    assert_mixed_batch_matches_single_adapters(model, token_ids, ["task2", "task1", "__base__"])
 
 
 def test_bitsandbytes_8bit_base_uses_the_dequantized_weight(tmp_path, token_ids):
@@ -180,8 +82,7 @@ def test_bitsandbytes_8bit_base_uses_the_dequantized_weight(tmp_path, token_ids)
     torch.testing.assert_close(torch.diagonal(layer.nora_core0["default"][0])[:2], sigma, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "r must be an integer >= 1"),
+@pytest.mark.parametrize("kwargs, message", [  # NoRA's own settings; the shared ones: test_tuner_battery.py
     (dict(inner_r=0), "inner_r must be an integer >= 1"),
     (dict(r=4, inner_r=5), "inner_r must be <= r"),
     (dict(svd_method="qr"), "svd_method must be one of"),
