@@ -9,7 +9,7 @@ from torch import nn
 from ..._peft_compat import BufferDict
 
 from ...basis import generator_fingerprint
-from ...checks import FLOAT_DTYPES, AdapterFileError
+from ...adapter_files import FLOAT_DTYPES, AdapterFileError
 from ...quantization import HEADER_FORMAT_VERSION, HEADER_SUFFIX, pack_tensor, unpack_tensor
 from ..lowrank import LowRankTuner, matrix_shape, resolve_slices
 from .config import NolaConfig
@@ -114,8 +114,8 @@ class NolaModel(LowRankTuner):
         config.basis_fingerprint = fingerprint
         self._check_basis_memory(config, targets, loading)
 
-    def _hotswap_signature(self, config: NolaConfig) -> dict:
-        signature = super()._hotswap_signature(config)
+    def hotswap_signature(self, config: NolaConfig) -> dict:
+        signature = super().hotswap_signature(config)
         for name in ("basis_seed", "basis_mode", "num_basis_A", "num_basis_B", "basis_fingerprint", "quantization_aware"):
             signature[name] = getattr(config, name)
         if config.quantization_aware:  # the forward pass quantizes at this width
