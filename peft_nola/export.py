@@ -28,7 +28,7 @@ way peft's LoRA saves them. Whenever a consumer would reject the result (vLLM re
 and convolutions), the export warns, naming the consumer and its reason.
 
 Which serving engines accept the result is written to ``export_report.json`` next to the adapter; the rules come
-from the engines' loaders (see :data:`CONSUMER_RULES`).
+from the engines' loaders (see :mod:`peft_nola.lora_consumers`); the GGUF writer is :mod:`peft_nola.gguf_export`.
 """
 
 from __future__ import annotations
@@ -50,70 +50,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._peft_compat import AuxiliaryTrainingWrapper
-from .tuners.lowrank import LowRankLayer, names_module
+from .constants import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
+from .errors import ExportError
+from .gguf_export import _llama_permute, write_gguf  # noqa: F401  (_llama_permute: imported from here by tests)
+from .lora_consumers import CONSUMER_RULES, LLAMA_MODEL_TYPES, consumer_verdicts
+from .tuners.lowrank import LowRankLayer, adapted_layers, modules_outside_wrappers, names_module
 from .tuners.nola import NolaConfig
 from .tuners.nora import NoraConfig
 
 FORMATS = ("peft", "gguf")
 REPORT_FILE = "export_report.json"
 GGUF_FILE = "adapter_model.gguf"
-
-# vLLM's LoRA ranks: `--max-lora-rank` takes one of these (vllm/config/lora.py, MaxLoRARanks).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# Module names whose LoRA vLLM and TGI load for LLaMA-architecture models (vLLM: LlamaForCausalLM's packed modules
-# qkv_proj / gate_up_proj and o_proj, down_proj; TGI: the flash LLaMA model's adapter layers).
-LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA_MODEL_TYPES = ("llama", "mistral")
-
-#: Where each consumer's rules were read (the checks in :func:`consumer_verdicts` follow them).
-CONSUMER_RULES = {
-    "peft": "peft's LoraConfig and LoRA layers (Linear, Conv1D with fan_in_fan_out, Conv2d, bitsandbytes)",
-    "vllm": "vllm/lora/peft_helper.py (PEFTHelper: r, lora_alpha, target_modules required; modules_to_save None; "
-    "no DoRA, bias 'none'; r <= --max-lora-rank in vllm/config/lora.py MaxLoRARanks), vllm/lora/lora_model.py "
-    "(tensor names base_model.model.<module>.lora_A/lora_B.weight, modules outside the model's LoRA modules are "
-    "an error), vllm/model_executor/models/gpt2.py (GPT2LMHeadModel does not implement SupportsLoRA)",
-    "tgi": "server/text_generation_server/adapters/lora.py (peft LoraConfig; only base_model.model.<layer>.lora_A/"
-    "lora_B.weight of the model's adapter layers are used, other tensors are left unused with a warning)",
-    "llama.cpp": "convert_lora_to_gguf.py and src/llama-adapter.cpp (only lora_A/lora_B pairs of the base GGUF's "
-    "tensors; embeddings or other full tensors in the adapter are an error)",
-}
-
-
-class ExportError(ValueError):
-    """An adapter that cannot be exported exactly; the message says why and what to do instead."""
-
-
-# ------------------------------------------------------------------------------------------------- layer factors
-def lora_factors(layer: LowRankLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(lora_A.weight, lora_B.weight)`` of a LoRA layer that adds exactly this layer's update, scale folded
-    into ``lora_B`` (so ``lora_alpha = r``).
-
-    Linear-like layers: ``lora_A (S·r, cols)``, ``lora_B (rows, S·r)``. Conv2d: ``lora_A (R, in, kh, kw)``,
-    ``lora_B (out, R, 1, 1)`` with R as in the module docstring.
-    """
-    with torch.no_grad():
-        down, up = layer._factors(adapter_name)
-        scale = layer.scaling[adapter_name]
-        if layer.is_conv2d:
-            return _conv_factors(layer, adapter_name, down[0], up[0], scale)
-        return down.reshape(-1, layer.cols).clone(), layer._full_up(up, adapter_name) * scale
-
-
-def _conv_factors(layer: LowRankLayer, adapter_name: str, down, up, scale):
-    out_ch, in_ch, kh, kw = layer.get_base_layer().weight.shape
-    r, patch = down.shape[0], in_ch * kh * kw
-    rank = min(kh * r, out_ch, patch)
-    if rank == kh * r:
-        # Row o of the (out, in·kh·kw) update is NOLA's rows o·kh .. o·kh+kh−1 side by side.
-        lora_B = (up.reshape(out_ch, kh * r) * scale)[:, :, None, None]
-        lora_A = torch.block_diag(*[down] * kh).view(kh * r, in_ch, kh, kw)
-    elif rank == out_ch:
-        lora_B = torch.eye(out_ch, dtype=down.dtype, device=down.device)[:, :, None, None]
-        lora_A = layer.get_delta_weight(adapter_name)
-    else:  # lora_A extracts every patch unchanged (an identity kernel), lora_B applies the update to it
-        lora_A = torch.eye(patch, dtype=down.dtype, device=down.device).view(patch, in_ch, kh, kw)
-        lora_B = layer.get_delta_weight(adapter_name).reshape(out_ch, patch)[:, :, None, None]
-    return lora_A.contiguous(), lora_B.contiguous()
 
 
 def _pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +74,6 @@ def _pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[to
 
 
 # --------------------------------------------------------------------------------------------- checks up front
-def _adapted_layers(model: PeftModel, adapter_name: str) -> list[LowRankLayer]:
-    return [m for m in model.modules() if isinstance(m, LowRankLayer) and adapter_name in m.scaling]
-
-
 def _check_exportable(model: PeftModel, adapter_name: str, fmt: str) -> tuple[PeftConfig, list[LowRankLayer]]:
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -156,7 +99,7 @@ def _check_exportable(model: PeftModel, adapter_name: str, fmt: str) -> tuple[Pe
             f"weights, which a LoRA adapter for vLLM/TGI/llama.cpp cannot carry. Train with bias='none', or merge "
             f"the adapter into the model (merge_and_unload) and serve the merged model."
         )
-    layers = _adapted_layers(model, adapter_name)
+    layers = adapted_layers(model, adapter_name)
     if not layers:
         raise ExportError(f"Adapter {adapter_name!r} adapts no layer of this model: nothing to export.")
     for layer in layers:
@@ -230,11 +173,11 @@ def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type:
     with torch.device("meta"):
         cls = _model_class(config, task_type)
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+    with safe_open(str(adapter_dir / WEIGHTS_NAME), framework="pt") as handle:
         keys = list(handle.keys())
     paths = set()
     for key in keys:
-        key = key.removeprefix("base_model.model.")
+        key = key.removeprefix(KEY_PREFIX)
         paths.add(key.split(f".{prefix}")[0] if f".{prefix}" in key else key.rsplit(".", 1)[0])
     for path in sorted(paths):
         module = model.get_submodule(path)
@@ -268,7 +211,7 @@ def load_for_export(
     import peft_nola  # noqa: F401  (registers the tuners with peft)
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / CONFIG_NAME).is_file():
         raise ExportError(f"{adapter_dir} has no adapter_config.json: pass a directory written by save_pretrained")
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if not isinstance(config, (NolaConfig, NoraConfig)):
@@ -302,14 +245,8 @@ def _target_modules(model: PeftModel, keys: list[str]) -> list[str]:
     """The shortest target_modules peft's matcher resolves to exactly ``keys``: their last names if those match no
     other module, else the full keys."""
     names = sorted({key.rsplit(".", 1)[-1] for key in keys})
-    matched, wrappers = set(), []
-    for key, module in model.get_base_model().named_modules():
-        if not key or any(key.startswith(p) for p in wrappers):
-            continue
-        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-            wrappers.append(key + ".")
-        if any(names_module(n, key) for n in names):
-            matched.add(key)
+    wrapped = modules_outside_wrappers(model.get_base_model(), (BaseTunerLayer, AuxiliaryTrainingWrapper))
+    matched = {key for key, _ in wrapped if any(names_module(n, key) for n in names)}
     return names if matched == set(keys) else sorted(keys)
 
 
@@ -319,7 +256,7 @@ def _modules_to_save_tensors(model: PeftModel, adapter_name: str) -> dict[str, t
     for key, module in model.get_base_model().named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"base_model.model.{key}.{name}"] = tensor.detach().cpu().contiguous()
+                tensors[f"{KEY_PREFIX}{key}.{name}"] = tensor.detach().cpu().contiguous()
     return tensors
 
 
@@ -361,7 +298,7 @@ def export_lora(
 
     combiner = getattr(model.base_model, "nola_combiner", None)
     with combiner.span() if combiner is not None else nullcontext():  # one basis read for all layers
-        factors = {layer.module_key: lora_factors(layer, adapter_name) for layer in layers}
+        factors = {layer.module_key: layer.lora_factors(adapter_name) for layer in layers}
     rank = max(lora_A.shape[0] for lora_A, _ in factors.values())
     factors = {key: _pad_rank(*pair, rank) for key, pair in factors.items()}
 
@@ -387,12 +324,12 @@ def export_lora(
     if format == "peft":
         tensors = {}
         for key, (lora_A, lora_B) in factors.items():
-            tensors[f"base_model.model.{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
-            tensors[f"base_model.model.{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+            tensors[f"{KEY_PREFIX}{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+            tensors[f"{KEY_PREFIX}{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
         tensors.update(extra)
         lora_config.save_pretrained(str(out_dir))
-        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-        files = ["adapter_config.json", "adapter_model.safetensors"]
+        save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        files = [CONFIG_NAME, WEIGHTS_NAME]
         verdicts = consumer_verdicts(lora_config.to_dict(), list(tensors), kinds, model_type)
     else:
         write_gguf(out_dir / GGUF_FILE, factors, base_config, alpha=float(rank))
@@ -420,123 +357,6 @@ def export_lora(
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-# ---------------------------------------------------------------------------------------------------- consumers
-def consumer_verdicts(config: dict, tensor_names: list[str], layer_types: list[str], model_type: Optional[str]) -> dict:
-    """Whether peft, vLLM, TGI and llama.cpp (via ``convert_lora_to_gguf.py``) accept a LoRA adapter with this
-    ``adapter_config.json`` content, these tensor names, base layer types and base ``model_type``.
-
-    Each verdict is ``{"accepts": True | False | None, "reasons": [...]}`` (``None``: depends on what cannot be
-    checked without the engine, said in the reasons). vLLM's also names the ``--max-lora-rank`` it needs.
-    """
-    r = config.get("r")
-    modules_to_save = config.get("modules_to_save")
-    lora_keys = [n for n in tensor_names if n.endswith((".lora_A.weight", ".lora_B.weight"))]
-    other_keys = sorted(set(tensor_names) - set(lora_keys))
-    module_names = sorted({n.removeprefix("base_model.model.").rsplit(".", 2)[0] for n in lora_keys})
-    not_linear = sorted(set(layer_types) - {"Linear", "Linear8bitLt", "Linear4bit"})
-    is_llama = model_type in LLAMA_MODEL_TYPES
-    outside_llama = sorted({m.rsplit(".", 1)[-1] for m in module_names} - set(LLAMA_LORA_MODULES))
-
-    def verdict(problems: list[str], unknown: list[str]) -> dict:
-        return {"accepts": False if problems else (None if unknown else True), "reasons": problems + unknown}
-
-    vllm_problems, vllm_unknown = [], []
-    missing = [name for name in ("r", "lora_alpha", "target_modules") if config.get(name) is None]
-    if missing:
-        vllm_problems.append(f"vLLM requires {missing} in adapter_config.json")
-    if modules_to_save:
-        vllm_problems.append(
-            f"vLLM rejects modules_to_save={modules_to_save} (it allows only None, recent versions also "
-            f"['classifier', 'score'] for classification models)"
-        )
-    if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias"):
-        vllm_problems.append("vLLM rejects DoRA and adapter biases")
-    if not isinstance(r, int) or not 1 <= r <= VLLM_MAX_LORA_RANKS[-1]:
-        vllm_problems.append(f"vLLM's largest --max-lora-rank is {VLLM_MAX_LORA_RANKS[-1]}, the adapter's r is {r}")
-    if not_linear:
-        vllm_problems.append(f"vLLM has LoRA only for linear layers, the adapter adapts {not_linear}")
-    if model_type == "gpt2":
-        vllm_problems.append("vLLM's GPT2LMHeadModel does not support LoRA (no SupportsLoRA)")
-    elif is_llama and outside_llama:
-        vllm_problems.append(f"vLLM's LLaMA has no LoRA for {outside_llama} (its LoRA modules: {LLAMA_LORA_MODULES})")
-    elif not is_llama:
-        vllm_unknown.append(f"whether vLLM's {model_type!r} model has LoRA for {module_names[:3]}... is not checked")
-    vllm = verdict(vllm_problems, vllm_unknown)
-    if isinstance(r, int) and r <= VLLM_MAX_LORA_RANKS[-1]:
-        vllm["max_lora_rank"] = next(rank for rank in VLLM_MAX_LORA_RANKS if rank >= r)
-
-    tgi_problems, tgi_unknown = [], []
-    if other_keys:
-        tgi_problems.append(
-            f"TGI loads only lora_A/lora_B tensors and would leave {other_keys[:3]} unused (modules_to_save ignored: "
-            f"outputs would differ)"
-        )
-    if not_linear:
-        tgi_problems.append(f"TGI has LoRA only for linear layers, the adapter adapts {not_linear}")
-    if is_llama and outside_llama:
-        tgi_problems.append(f"TGI's LLaMA has no adapter layers {outside_llama}")
-    elif not is_llama:
-        tgi_unknown.append(f"TGI serves adapters only on its flash models; {model_type!r} is not checked")
-    tgi = verdict(tgi_problems, tgi_unknown)
-
-    cpp_problems, cpp_unknown = [], []
-    if other_keys:
-        cpp_problems.append(
-            f"llama.cpp's convert_lora_to_gguf.py rejects tensors that are not lora_A/lora_B pairs: {other_keys[:3]}"
-        )
-    if not_linear:
-        cpp_problems.append(f"llama.cpp adapters hold only linear LoRA pairs, the adapter adapts {not_linear}")
-    if not is_llama:
-        cpp_unknown.append(
-            f"peft_nola writes GGUF only for {LLAMA_MODEL_TYPES}; convert_lora_to_gguf.py may support {model_type!r}"
-        )
-    return {
-        "peft": {"accepts": True, "reasons": []},
-        "vllm": vllm,
-        "tgi": tgi,
-        "llama.cpp": verdict(cpp_problems, cpp_unknown),
-    }
-
-
-# --------------------------------------------------------------------------------------------------------- GGUF
-def _llama_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's converter reorders q/k output rows per head (``LlamaModel.permute`` in convert_hf_to_gguf.py)."""
-    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def write_gguf(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_config, alpha: float) -> None:
-    """A llama.cpp LoRA adapter as ``convert_lora_to_gguf.py`` writes it for a LLaMA base: ``general.type=adapter``,
-    ``adapter.type=lora``, ``adapter.lora.alpha``; per adapted weight ``<gguf name>.weight.lora_a`` (numpy shape
-    ``(r, in)``, GGUF ``ne = [in, r]``) and ``.lora_b`` (``(out, r)``, ``ne = [r, out]``), float32, q/k rows
-    permuted as the converter permutes the base's q/k weights."""
-    import gguf
-
-    n_head = base_config.num_attention_heads
-    n_kv_head = getattr(base_config, "num_key_value_heads", None) or n_head
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, base_config.num_hidden_layers)
-    tensors = []
-    for key, (lora_A, lora_B) in factors.items():
-        name = name_map.get_name(key)
-        if name is None:
-            raise ExportError(f"llama.cpp has no tensor for '{key}' in a LLaMA model: use --format peft")
-        if key.endswith("q_proj"):
-            lora_B = _llama_permute(lora_B, n_head)
-        elif key.endswith("k_proj"):
-            lora_B = _llama_permute(lora_B, n_kv_head)
-        tensors += [(f"{name}.weight.lora_a", lora_A), (f"{name}.weight.lora_b", lora_B)]
-    writer = gguf.GGUFWriter(str(path), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for name, tensor in tensors:
-        writer.add_tensor(name, tensor.detach().to(torch.float32).cpu().contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 # ------------------------------------------------------------------------------------------------ command line

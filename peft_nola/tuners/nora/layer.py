@@ -7,7 +7,7 @@ from ..._peft_compat import BufferDict
 
 from ...basis import uniform_stream
 from ...svd import top_singular_triplets
-from ..lowrank import LowRankLayer, _FactorGroup, weight_matrix
+from ..lowrank import FactorGroup, LowRankLayer, weight_matrix
 from .config import NoraConfig
 
 
@@ -75,7 +75,7 @@ class NoraLayer(LowRankLayer):
         U, Vt, core0 = (buffers[adapter_name].to(A.dtype) for buffers in (self.nora_U, self.nora_Vt, self.nora_core0))
         return (torch.bmm(A, B) - core0) @ Vt, U
 
-    def _stack_factors(self, names: list[str]) -> list[_FactorGroup]:
+    def _stack_factors(self, names: list[str]) -> list[FactorGroup]:
         # Adapters sharing the layer's frozen U_r, V_r (same outer rank) form one group: x V_r is computed once for
         # all their samples, then each sample's r x r core (A B − C₀, scaled; block-diagonal over the adapted output
         # blocks), then U_r once.
@@ -98,7 +98,7 @@ class NoraLayer(LowRankLayer):
             for block in range(num_blocks):
                 mids[:, block * r : (block + 1) * r, block * r : (block + 1) * r] = cores[:, block]
             U, Vt = self.nora_U[first].to(A.dtype), self.nora_Vt[first].to(A.dtype)
-            stacked.append(_FactorGroup(tuple(members), Vt.reshape(-1, self.cols), mids, None, self._full_up(U, first)))
+            stacked.append(FactorGroup(tuple(members), Vt.reshape(-1, self.cols), mids, None, self._full_up(U, first)))
         return stacked
 
 

@@ -6,7 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-from ...checks import FLOAT_DTYPES
+from ...adapter_files import FLOAT_DTYPES
 from ...svd import rounding_tolerance, weight_fingerprint
 from ..lowrank import LowRankTuner, weight_matrix
 from .config import NoraConfig
@@ -51,8 +51,8 @@ class NoraModel(LowRankTuner):
     def _layout_fields(self, config: NoraConfig) -> list:
         return [config.r, config.inner_r]
 
-    def _hotswap_signature(self, config: NoraConfig) -> dict:
-        signature = super()._hotswap_signature(config)
+    def hotswap_signature(self, config: NoraConfig) -> dict:
+        signature = super().hotswap_signature(config)
         for name in ("inner_r", "store_outer_factors", "svd_method"):
             signature[name] = getattr(config, name)
         return signature
