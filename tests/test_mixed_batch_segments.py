@@ -38,6 +38,10 @@ def two_adapters(model, config_fn):
     peft_model = get_peft_model(model, config_fn(), adapter_name=D)
     torch.manual_seed(1)
     peft_model.add_adapter(O, config_fn())
+    with torch.no_grad():  # adapters start from their seeds' values: make "other" differ from "default"
+        for name, p in peft_model.named_parameters():
+            if name.endswith(".other"):
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     return peft_model.eval()
 
 
