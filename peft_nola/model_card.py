@@ -22,8 +22,9 @@ INSTALL_LINE = "pip install peft-nola"
 EXPORT_COMMAND = "python -m peft_nola.export ADAPTER_DIR OUT_DIR"
 # A card section between these markers is ours: rewritten on every save, the rest of a user's card is kept.
 BEGIN, END = "<!-- peft-nola card: begin -->", "<!-- peft-nola card: end -->"
-# The first line huggingface_hub's default template (which peft starts from) puts in a card's body.
-_BLANK_TEMPLATE_MARK = "<!-- Provide a quick summary of what the model is/does. -->"
+# The marker lines only count on a line of their own (a user's text may quote them inline).
+_SECTION = re.compile(
+    rf"^{re.escape(BEGIN)}[ \t]*$(?:(?!^{re.escape(BEGIN)}).)*?^{re.escape(END)}[ \t]*$", re.S | re.M)
 
 METHODS = {
     "NOLA": dict(
@@ -47,6 +48,9 @@ METHODS = {
         fields=[("outer rank `r`", "r"), ("inner rank `inner_r`", "inner_r"), ("`nora_alpha`", "nora_alpha"),
                 ("`store_outer_factors`", "store_outer_factors"), ("`svd_method`", "svd_method"),
                 ("seed (`svd_seed`)", "svd_seed")],
+        note="Not to be confused with peft's own `LoraConfig(init_lora_weights=\"nora\")` (peft 0.22): "
+        "*Normalized* Low-Rank Adaptation, an initialization of a plain LoRA adapter (unit-norm columns of A, "
+        "B = 0), a different method that loads with peft alone.",
     ),
 }
 
@@ -56,6 +60,33 @@ def looks_like_local_path(name: str | None) -> bool:
     if not name:
         return False
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or bool(re.match(r"^[A-Za-z]:[\\/]", name))
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` is a valid Hugging Face hub repository id (``name`` or ``org/name``): only such a name is
+    written into the card's heading, code and metadata; anything else (a local folder, a string with markup or
+    quotes) is not repeated there."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or looks_like_local_path(name) or len(name) > 96:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+_MARKDOWN_ESCAPES = str.maketrans({
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "_": "\\_",
+    "[": "\\[", "]": "\\]", "#": "\\#",
+})
+
+
+def markdown_cell(value) -> str:
+    """``value`` as the text of one Markdown table cell: on one line, with the characters that would end the cell,
+    start markup or HTML (a comment that hides the rest of the card, our section's markers) escaped."""
+    return " ".join(str(value).split()).translate(_MARKDOWN_ESCAPES)
 
 
 def stored_parameters(weights_file: str | os.PathLike) -> tuple[int, int | None]:
@@ -92,7 +123,7 @@ def card_text(config, weights_file: str | os.PathLike | None) -> str:
     info = METHODS[method]
     name = "NoRA" if method == "NORA" else "NOLA"
     base = config.base_model_name_or_path
-    base_known = bool(base) and not looks_like_local_path(base)
+    base_known = is_hub_id(base)
     rows = [(label, getattr(config, attr)) for label, attr in info["fields"] if hasattr(config, attr)]
     rows = [(label, "none (float32)" if label == "`coefficient_bits`" and value is None else value)
             for label, value in rows]
@@ -104,9 +135,10 @@ def card_text(config, weights_file: str | os.PathLike | None) -> str:
         count, bits = stored_parameters(weights_file)
         rows.append(("trainable parameters (stored)", f"{count:,}" + (f", packed at {bits} bits" if bits else "")))
         rows.append((f"`{Path(weights_file).name}`", f"{Path(weights_file).stat().st_size:,} bytes"))
-    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {'-' if v is None else v} |" for k, v in rows)])
+    table = "\n".join(["| | |", "|---|---|",
+                       *(f"| {k} | {'-' if v is None else markdown_cell(v)} |" for k, v in rows)])
     base_line = f"`{base}`" if base_known else "the model it was trained on" + (
-        f" (saved from a local folder, `{Path(str(base)).name}`)" if base else "")
+        f" (saved from a local folder, {markdown_cell(Path(str(base)).name)})" if looks_like_local_path(base) else "")
     base_code = base if base_known else "BASE_MODEL_ID_OR_FOLDER"
     return f"""{BEGIN}
 # {name} adapter for {base if base_known else 'a causal or vision model'}
@@ -114,7 +146,7 @@ def card_text(config, weights_file: str | os.PathLike | None) -> str:
 A **{name}** adapter ([{info['paper']}]({info['url']})) for {base_line}, saved by
 **{PACKAGE} {__version__}**, a plugin that adds {name} to Hugging Face [PEFT](https://github.com/huggingface/peft):
 {info['what']}
-
+{chr(10) + info['note'] + chr(10) if 'note' in info else ''}
 {table}
 
 ## Use
@@ -158,27 +190,45 @@ def write_model_card(save_directory: str | os.PathLike, config) -> Path:
     from huggingface_hub import ModelCard, ModelCardData
 
     path = Path(save_directory) / "README.md"
+    if path.is_symlink():
+        # Never read through (nor write through) a link: it may point at any file of the user's, whose text would
+        # otherwise be copied into the card (and uploaded by push_to_hub). The card replaces the link.
+        path.unlink()
     card = ModelCard.load(path) if path.is_file() else ModelCard.from_template(ModelCardData(library_name="peft"))
     weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
     section = card_text(config, weights if weights.is_file() else None)
     text = card.text
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    elif _BLANK_TEMPLATE_MARK in text:
+    ours = list(_SECTION.finditer(text))
+    if ours:
+        last = ours[-1]
+        text = text[: last.start()] + section + text[last.end():]
+    elif _is_blank_template(text):
         text = section + "\n"  # our section lists peft's version, the one line peft adds to its template
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    card.text = text
+    card.text = text.rstrip("\n") + "\n"  # one final newline (peft's update drops it): the same card every save
     method = str(getattr(config.peft_type, "value", config.peft_type))
-    tags = [t for t in (card.data.tags or []) if not (t.startswith("base_model:adapter:") and (
-        not t.split(":", 2)[2] or looks_like_local_path(t.split(":", 2)[2])))]
+    tags = [t for t in (card.data.tags or [])
+            if not (t.startswith("base_model:adapter:") and not is_hub_id(t.split(":", 2)[2]))]
     card.data.tags = sorted(set(tags) | {"peft", PACKAGE, METHODS[method]["tag"]})
     base = config.base_model_name_or_path
-    if not card.data.get("base_model") or looks_like_local_path(card.data.get("base_model")):
+    if not is_hub_id(card.data.get("base_model")):
         card.data.base_model = None
-    if base and not looks_like_local_path(base):
+    if is_hub_id(base):
         card.data.base_model = base
     card.data.library_name = card.data.library_name or "peft"
     card.save(path)
     return path
 
+
+def _is_blank_template(text: str) -> bool:
+    """Whether ``text`` is huggingface_hub's default card template with nothing filled in (what peft starts a card
+    from), apart from the lines peft adds. A card a user made from the same template and filled in is not blank:
+    its text is kept."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    def normal(body: str) -> list[str]:
+        return [line.rstrip() for line in body.splitlines()
+                if line.strip() and not re.fullmatch(r"- PEFT \S+|### Framework versions", line.strip())]
+
+    return normal(text) == normal(ModelCard.from_template(ModelCardData()).text)

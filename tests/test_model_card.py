@@ -151,3 +151,117 @@ def test_recipe_adapters_on_smollm2_name_the_hub_model_not_the_package_folder(tm
         assert str(smollm2_package_dir()) not in text and sys.prefix not in text, run.method
     # SmolLM2: 30 layers; q_proj 576 -> 576, v_proj 576 -> 192.
     assert counts == [30 * 2 * (400 + 400), 30 * 1 * ((576 + 576) + (576 + 192))] and counts[0] < counts[1]
+
+
+# ------------------------------------------------------------------ issue 23: cards users made, links, markup
+
+
+def nola_model(base=None, **kwargs):
+    config = dict(r=4, num_basis_A=10, num_basis_B=12, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(base if base is not None else tiny_llama(), NolaConfig(**{**config, **kwargs}))
+
+
+def test_a_card_made_from_the_hub_template_keeps_its_body(tmp_path):
+    """huggingface_hub's ``ModelCard.from_template`` leaves the template's comments in a card the user filled in; the
+    save must keep what the user wrote (only a card that is the blank template is replaced)."""
+    from huggingface_hub import ModelCardData
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    ModelCard.from_template(ModelCardData(license="mit"), model_summary="Summary the user wrote.",
+                            training_data="Data the user describes.").save(folder / "README.md")
+    model = nola_model()
+    model.save_pretrained(folder)
+    model.save_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert "Summary the user wrote." in card.text and "Data the user describes." in card.text
+    assert card.text.count("<!-- peft-nola card: begin -->") == 1 and card.data.license == "mit"
+
+
+def test_a_readme_link_is_not_read_through(tmp_path):
+    """A ``README.md`` that links to a file elsewhere: that file's text must not end up in the card (which
+    ``push_to_hub`` uploads); the saved card is a regular file of its own."""
+    outside = tmp_path / "private_notes.md"
+    outside.write_text("# notes\n\nSECRET-LINE-4711 must stay on this machine.\n")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").symlink_to(outside)
+    nola_model().save_pretrained(folder)
+    card_file = folder / "README.md"
+    assert not card_file.is_symlink()
+    assert "SECRET-LINE-4711" not in card_file.read_text()
+    assert "<!-- peft-nola card: begin -->" in card_file.read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 23: peft's PeftModel.create_or_update_model_card loads and saves "
+                   "README.md through a link before peft-nola's card code runs; fixed in the library rebuild's next step")
+def test_a_readme_link_target_is_not_written_through(tmp_path):
+    outside = tmp_path / "private_notes.md"
+    outside.write_text("# notes\n\nSECRET-LINE-4711 must stay on this machine.\n")
+    before = outside.read_bytes()
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").symlink_to(outside)
+    nola_model().save_pretrained(folder)
+    assert outside.read_bytes() == before
+
+
+HOSTILE_NAME = 'x"); __import__("os").system("echo owned") #\n# Injected heading\n<!-- peft-nola card: end -->\n| a | b |'
+
+
+def test_config_strings_are_escaped_in_the_snippet_table_and_headings(tmp_path):
+    """A base model name and a ``target_modules`` regex carrying quotes, newlines, pipes and our own end marker: the
+    card's Python snippet still parses to a plain string argument, the table keeps two cells per row and shows the
+    regex, no heading or marker is added, and the next save replaces our section instead of keeping a piece."""
+    import ast
+    import re
+
+    base = tiny_llama()
+    base.name_or_path = HOSTILE_NAME
+    regex = r".*\.(q_proj|v_proj)"
+    model = nola_model(base, target_modules=regex)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    text = ModelCard.load(folder / "README.md").text
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") ==
+             "from_pretrained" and getattr(n.func.value, "id", "") == "AutoModelForCausalLM"]
+    assert len(calls) == 1 and isinstance(calls[0].args[0], ast.Constant)
+    assert calls[0].args[0].value in (HOSTILE_NAME, "BASE_MODEL_ID_OR_FOLDER")
+    assert not [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") ==
+                "system"]
+    assert "Injected heading" not in "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert text.count("<!-- peft-nola card: end -->") == 1 and text.count("<!-- peft-nola card: begin -->") == 1
+    table_lines = [line for line in text.splitlines() if line.startswith("|")]
+    # Two cells a row: every unescaped pipe is a cell border (3 per row).
+    assert all(len(re.findall(r"(?<!\\)\|", line)) == 3 for line in table_lines), table_lines
+    target_row = [line for line in table_lines if line.startswith("| target modules |")]
+    assert len(target_row) == 1
+    unescaped = re.sub(r"\\(.)", r"\1", target_row[0][len("| target modules | "):-len(" |")])
+    assert unescaped == regex
+    size = len(text)
+    model.save_pretrained(folder)
+    assert len(ModelCard.load(folder / "README.md").text) == size
+
+
+def test_a_card_that_mentions_the_end_marker_does_not_grow(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").write_text(
+        "# My adapter\n\npeft-nola rewrites the part up to `<!-- peft-nola card: end -->` on every save.\n")
+    model = nola_model()
+    sizes = []
+    for _ in range(3):
+        model.save_pretrained(folder)
+        sizes.append(len((folder / "README.md").read_text()))
+    assert sizes[1] == sizes[2] == sizes[0]
+    text = (folder / "README.md").read_text()
+    assert text.count("peft-nola rewrites the part") == 1 and text.count("<!-- peft-nola card: begin -->") == 1
+
+
+def test_nora_card_says_peft_normalized_lora_is_another_method(tmp_path):
+    nora = get_peft_model(tiny_llama(), NoraConfig(r=8, inner_r=2, target_modules=["q_proj"]))
+    _, card = saved(nora, tmp_path, "nora")
+    assert 'init_lora_weights="nora"' in card.text and "Normalized" in card.text
+    _, nola_card = saved(nola_model(), tmp_path, "nola")
+    assert "init_lora_weights" not in nola_card.text
