@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 from peft import PeftModel, get_peft_model
@@ -69,7 +69,12 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
 #: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid").
 #:   Gate: every adapter of a mixed batch gets the same number of samples ("__base__" any number).
-KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments"}
+#: - "basis_store_roundtrip" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is cast with
+#:   the model, so after ``.half()`` then ``.float()`` / ``.double()`` every forward uses the float16-rounded basis
+#:   (the store's key still says float32): ~2e-4 of the logits' scale off here. Gate: a model cast to float16 with a
+#:   stored basis is not cast back.
+KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
+              "basis_store_roundtrip"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. The reference is float64 and exact up to ~1e-15; a float32 forward of these 2-layer models rounds
@@ -190,8 +195,8 @@ class Reference:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
     """``max |actual - expected| <= rtol * max |expected|``, with the figures in the message."""
-    error = float((actual.double() - expected.double()).abs().max())
-    scale = float(expected.double().abs().max())
+    error = float((actual.detach().double() - expected.detach().double()).abs().max())
+    scale = float(expected.detach().double().abs().max())
     assert error <= rtol * max(scale, 1e-30), (
         f"{what}: max |model - reference| = {error:.3e}, {error / max(scale, 1e-30):.2e} of the output scale "
         f"{scale:.3e}; allowed {rtol:.1e}"
@@ -201,11 +206,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
 class Adapter:
     """The mirror of one adapter: its config values and a float64 copy of each tensor, per module key."""
 
-    def __init__(self, spec: dict, tensors: dict, bits=None, on_grid: bool = True):
-        self.spec, self.tensors, self.bits, self.on_grid = spec, tensors, bits, on_grid
+    def __init__(self, spec: dict, tensors: dict, bits=None, on_grid: bool = True, dtype=torch.float32):
+        self.spec, self.tensors, self.bits, self.on_grid, self.dtype = spec, tensors, bits, on_grid, dtype
 
     def copy(self) -> "Adapter":
-        return Adapter(dict(self.spec), {k: dict(v) for k, v in self.tensors.items()}, self.bits, self.on_grid)
+        return Adapter(dict(self.spec), {k: dict(v) for k, v in self.tensors.items()}, self.bits, self.on_grid,
+                       self.dtype)
 
 
 MERGED = "merged"  # check_logits: the merged weights, no adapter on top
@@ -337,7 +343,8 @@ class PeftMachine(RuleBasedStateMachine):
             for key, tensors in adapter.tensors.items():
                 for short, expected in tensors.items():
                     assert actual[key][short].dtype == torch.float64
-                    assert self.param(name, key, short).dtype == self.dtype, f"{name} {key} {short} dtype"
+                    assert self.param(name, key, short).dtype == adapter.dtype, (
+                        f"{name} {key} {short} is {self.param(name, key, short).dtype}, expected {adapter.dtype}")
                     assert torch.equal(actual[key][short], expected), (
                         f"adapter {name!r} tensor {short} of {key} differs from what the steps made it "
                         f"(max diff {float((actual[key][short] - expected).abs().max()):.3e}; {self.describe()})")
@@ -445,7 +452,7 @@ class PeftMachine(RuleBasedStateMachine):
                 if op in ("double", "halve"):
                     factor = 2.0 if op == "double" else 0.5
                     p.mul_(factor)  # exact unless it overflows or underflows (float16)
-                    new = round_to(old * factor, self.dtype)
+                    new = round_to(old * factor, adapter.dtype)
                 elif op == "negate":
                     p.neg_()
                     new = -old
@@ -456,9 +463,9 @@ class PeftMachine(RuleBasedStateMachine):
                     new = torch.zeros_like(old)
                 else:
                     step = round_to(0.2 * old.abs().max() * torch.randn(old.shape, generator=gen, dtype=torch.float64),
-                                    self.dtype)
-                    p.add_(step.to(self.dtype))
-                    new = round_to(old + step, self.dtype)  # one correctly rounded sum, as the model's add
+                                    adapter.dtype)
+                    p.add_(step.to(adapter.dtype))
+                    new = round_to(old + step, adapter.dtype)  # one correctly rounded sum, as the model's add
                 adapter.tensors[key][short] = new
         adapter.on_grid = False
 
@@ -475,8 +482,8 @@ class PeftMachine(RuleBasedStateMachine):
         with torch.no_grad():
             vec = parameters_to_vector(params).double()
             vec = round_to(vec + 0.1 * vec.abs().max() * torch.randn(vec.shape, generator=gen, dtype=torch.float64),
-                           self.dtype)
-            vector_to_parameters(vec.to(self.dtype), params)
+                           adapter.dtype)
+            vector_to_parameters(vec.to(adapter.dtype), params)
         start = 0
         for key, short, p in entries:
             adapter.tensors[key][short] = vec[start:start + p.numel()].view(p.shape).clone()
@@ -518,14 +525,18 @@ class PeftMachine(RuleBasedStateMachine):
 
     @rule(dtype=st.sampled_from(sorted(DTYPES)))
     def cast(self, dtype):
-        self.counts[f"cast_{dtype}"] += 1
         target = DTYPES[dtype]
+        if ("basis_store_roundtrip" in self.known_bugs and self.method == "nola" and self.basis_mode != "per_layer"
+                and self.dtype == torch.float16 and target != torch.float16):
+            return
+        self.counts[f"cast_{dtype}"] += 1
         getattr(self.model, {"float16": "half", "float32": "float", "float64": "double"}[dtype])()
         self.dtype = target
         self.base_state = {k: round_to(v, target) for k, v in self.base_state.items()}
         if self.merged:
             self.merged_weights = {k: round_to(v, target) for k, v in self.merged_weights.items()}
         for adapter in self.adapters.values():
+            adapter.dtype = target
             for tensors in adapter.tensors.values():
                 for short in tensors:
                     tensors[short] = round_to(tensors[short], target)
@@ -570,10 +581,10 @@ class PeftMachine(RuleBasedStateMachine):
             old, new = adapter.tensors[key][short], p.detach().double()
             assert len(torch.unique(new)) <= 2**bits, f"{key} {short}: more than 2**{bits} values after quantizing"
             step = (old.max().clamp(min=0) - old.min().clamp(max=0)) / (2**bits - 1)
-            slack = 2 * float(old.abs().max()) * torch.finfo(self.dtype).eps
+            slack = 2 * float(old.abs().max()) * torch.finfo(adapter.dtype).eps
             assert float((new - old).abs().max()) <= float(step) / 2 * (1 + 2**-14) + slack, f"{key} {short} moved"
             adapter.tensors[key][short] = new.clone()
-        adapter.bits, adapter.on_grid = bits, self.dtype == torch.float32
+        adapter.bits, adapter.on_grid = bits, adapter.dtype == torch.float32
 
     @precondition(lambda self: not self.merged)
     @rule()
@@ -605,8 +616,8 @@ class PeftMachine(RuleBasedStateMachine):
         self.after_unmerge()
 
     # ------------------------------------------------------------------------------------ saving and loading
-    @rule(which=st.integers(0, 5), check_load=st.booleans())
-    def save(self, which, check_load):
+    @rule(which=st.integers(0, 5), check_load=st.booleans(), inference=st.booleans())
+    def save(self, which, check_load, inference):
         """``save_pretrained``; the file holds the mirrored tensors (re-quantized where ``coefficient_bits`` is set),
         and ``PeftModel.from_pretrained`` onto a fresh float64 base reproduces the reference."""
         self.counts["save"] += 1
@@ -638,11 +649,14 @@ class PeftMachine(RuleBasedStateMachine):
             assign(base, self.base_state)
             if self.method == "nora" and self.base_signature() != "original":
                 return  # the frozen factors are recomputed from other base weights (see load_adapter)
-            loaded = PeftModel.from_pretrained(base, directory).eval()
-            with torch.no_grad():
-                logits = loaded(self.ids).logits
+            # The serving pattern: load and run under inference_mode (gated: "inference_mode_load").
+            inference = inference and "inference_mode_load" not in self.known_bugs
+            with self.loading(inference):
+                loaded = PeftModel.from_pretrained(base, directory).eval()
+                with torch.no_grad():
+                    logits = loaded(self.ids).logits
                 expected = self.reference.logits(self.base_state, saved, self.ids)
-            assert_close(logits, expected, OUTPUT_RTOL[torch.float64] if self.dtype != torch.float16 else 1e-6,
+            assert_close(logits, expected, OUTPUT_RTOL[torch.float64],
                          "PeftModel.from_pretrained of the saved adapter, float64")
 
     def base_signature(self) -> str:
@@ -695,9 +709,14 @@ class PeftMachine(RuleBasedStateMachine):
         if not new_name:
             mirror.spec = dict(self.adapters[name].spec)  # the loaded adapter keeps its own config (scale)
             mirror.bits = self.adapters[name].bits
+        if new_name:
+            # peft keeps a new adapter of a float16/bfloat16 model in float32 (autocast_adapter_dtype=True)
+            mirror.dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        else:
+            mirror.dtype = self.adapters[name].dtype
         for tensors in mirror.tensors.values():
             for short in tensors:
-                tensors[short] = round_to(tensors[short], self.dtype)
+                tensors[short] = round_to(tensors[short], mirror.dtype)
         self.adapters[name] = mirror
 
     @rule(which=st.integers(0, 50), into=st.integers(0, 5), inference=st.booleans())
@@ -728,8 +747,8 @@ class PeftMachine(RuleBasedStateMachine):
         mirror.spec = dict(saved.spec)  # the saved adapter's scale
         for key, tensors in mirror.tensors.items():
             for short in TRAINABLE:
-                tensors[short] = round_to(saved.tensors[key][short], self.dtype)
-        mirror.bits, mirror.on_grid = saved.bits, saved.on_grid and self.dtype == torch.float32
+                tensors[short] = round_to(saved.tensors[key][short], mirror.dtype)
+        mirror.bits, mirror.on_grid = saved.bits, saved.on_grid and mirror.dtype == torch.float32
         self.adapters[name] = mirror
 
     # ------------------------------------------------------------------------------------------- mixed batches
@@ -812,8 +831,10 @@ def machine_for(method: str, basis_mode: str = "shared", known_bugs=KNOWN_BUGS):
 MACHINES = [("nola", "shared"), ("nola", "per_layer"), ("nola", "per_layer_cached"), ("nora", "shared")]
 
 #: CI's profile: derandomized (the same sequences on every run), no example database.
-FAST = settings(max_examples=6, stateful_step_count=20, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck), print_blob=True)
+#: No shrinking: a failure prints its (at most 20-step) sequence at once; shrinking one took minutes.
+FAST = settings(max_examples=10, stateful_step_count=20, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck), print_blob=True,
+                phases=[Phase.explicit, Phase.reuse, Phase.generate])
 #: The long profile (-m slow): 10x the sequences, random (a new sample of sessions each run).
 SLOW = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
@@ -840,3 +861,79 @@ def test_random_sessions_match_the_reference(method, basis_mode):
 @pytest.mark.parametrize("method, basis_mode", MACHINES)
 def test_random_sessions_match_the_reference_long(method, basis_mode):
     _run(method, basis_mode, SLOW, "slow")
+
+
+# ------------------------------------------------------------------------------------------------ the known bugs
+# One fixed session per known bug, run with its gate removed. Each fails today (xfail, strict: a fix makes it XPASS
+# and fail, as a reminder to remove the name from KNOWN_BUGS, after which the test runs as a plain regression test).
+
+
+@contextlib.contextmanager
+def ungated(bug: str, method: str = "nola", basis_mode: str = "shared", kind: str = "llama"):
+    machine = machine_for(method, basis_mode, KNOWN_BUGS - {bug})()
+    try:
+        machine.build(kind=kind)
+        machine.outputs_match_reference()
+        yield machine
+    finally:
+        machine.teardown()
+
+
+@pytest.mark.xfail("interrupt" in KNOWN_BUGS, strict=True, raises=AssertionError,
+                   reason="issue 23: an interrupted forward leaves the combiner's per-forward state set")
+def test_known_bug_interrupt_leaves_stale_factors():
+    with ungated("interrupt") as machine:
+        machine.interrupted_forward(mode="no_grad", layer=0, mixed=False)
+        machine.outputs_match_reference()  # factors of this forward stay cached: the span never ended
+        machine.edit_in_place(which=0, op="double", seed=0)
+        machine.outputs_match_reference()
+
+
+@pytest.mark.parametrize("method, basis_mode", MACHINES)
+def test_dtype_roundtrip_sequence_of_issue_23(method, basis_mode):
+    # The issue's sequence for "dtype_roundtrip" (cached float32 factors, .half(), .float(), a forward): it depends on
+    # the allocator reusing the freed storage, which did not happen here in 10 of 10 tries, so it is a plain test
+    # (the gate stays while the cache's validity rule is storage addresses: a reuse in CI would be a flaky failure).
+    # Run on the per-layer basis, without the stored-basis bug below.
+    with ungated("dtype_roundtrip", method, "per_layer" if method == "nola" else basis_mode) as machine:
+        machine.forward(mode="no_grad", rows=3)  # caches the float32 factors
+        machine.cast(dtype="float16")
+        machine.cast(dtype="float32")
+        machine.forward(mode="no_grad", rows=3)
+
+
+@pytest.mark.xfail("basis_store_roundtrip" in KNOWN_BUGS, strict=True, raises=AssertionError,
+                   reason="found here: NOLA's stored basis keeps its float16 rounding after .half().float()")
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer_cached"])
+def test_known_bug_stored_basis_keeps_float16_rounding(basis_mode):
+    with ungated("basis_store_roundtrip", "nola", basis_mode) as machine:
+        machine.forward(mode="grad", rows=1)  # generates and stores the float32 basis
+        machine.cast(dtype="float16")
+        machine.cast(dtype="float32")
+        machine.outputs_match_reference()  # no factor cache involved: a forward with gradients
+
+
+@pytest.mark.xfail("param_replacement" in KNOWN_BUGS, strict=True, raises=AssertionError,
+                   reason="issue 23: parameters replaced twice with no forward between serve stale cached factors")
+def test_known_bug_parameters_replaced_twice_serve_stale_factors():
+    with ungated("param_replacement") as machine:
+        # Storage reuse is up to the allocator: the issue saw it in 6 of 20 tries, so the sequence is repeated.
+        for seed in range(0, 40, 2):
+            machine.forward(mode="no_grad", rows=3)
+            machine.replace_parameters(which=0, seed=seed)
+            machine.replace_parameters(which=0, seed=seed + 1)
+            machine.forward(mode="no_grad", rows=3)
+
+
+@pytest.mark.xfail("inference_mode_load" in KNOWN_BUGS, strict=True, raises=RuntimeError,
+                   reason="issue 23: an adapter loaded under torch.inference_mode() breaks the next forward")
+def test_known_bug_loading_under_inference_mode():
+    with ungated("inference_mode_load") as machine:
+        machine.save(which=0, check_load=True, inference=True)
+
+
+@pytest.mark.xfail("unequal_segments" in KNOWN_BUGS, strict=True, raises=(RuntimeError, AssertionError),
+                   reason="issue 23: mixed batches with unequal adapter segments crash or (here) give wrong logits")
+def test_known_bug_mixed_batch_with_unequal_segments():
+    with ungated("unequal_segments") as machine:
+        machine.mixed_batch(picks=[0] * 5 + [1] * 4, base_count=0, permutation=[0], mode="no_grad")
