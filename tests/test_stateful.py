@@ -69,12 +69,14 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
 #: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid").
 #:   Gate: every adapter of a mixed batch gets the same number of samples ("__base__" any number).
-#: - "basis_store_roundtrip" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is cast with
-#:   the model, so after ``.half()`` then ``.float()`` / ``.double()`` every forward uses the float16-rounded basis
-#:   (the store's key still says float32): ~2e-4 of the logits' scale off here. Gate: a model cast to float16 with a
-#:   stored basis is not cast back.
+#: - "basis_store_dtype" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is keyed by the
+#:   dtype it was made in but cast with the model, so (a) after ``.half()`` then ``.float()`` / ``.double()`` every
+#:   forward uses the float16-rounded basis under the float32 key (~2e-4 of the logits' scale off here, silently), and
+#:   (b) an adapter loaded into the float16 model (peft keeps it in float32) finds that float16 tensor under the float32
+#:   key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA model with a stored basis,
+#:   once cast to float16, is neither cast back nor given a new adapter.
 KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_roundtrip"}
+              "basis_store_dtype"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. The reference is float64 and exact up to ~1e-15; a float32 forward of these 2-layer models rounds
@@ -193,10 +195,16 @@ class Reference:
             return self.model.generate(ids, **kwargs)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+#: The largest ``error / scale`` seen per check and dtype (printed with the run counts; the bounds above come from it).
+WORST: dict[str, float] = collections.defaultdict(float)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str, kind: str = "") -> None:
     """``max |actual - expected| <= rtol * max |expected|``, with the figures in the message."""
     error = float((actual.detach().double() - expected.detach().double()).abs().max())
     scale = float(expected.detach().double().abs().max())
+    if kind:
+        WORST[kind] = max(WORST[kind], error / max(scale, 1e-30))
     assert error <= rtol * max(scale, 1e-30), (
         f"{what}: max |model - reference| = {error:.3e}, {error / max(scale, 1e-30):.2e} of the output scale "
         f"{scale:.3e}; allowed {rtol:.1e}"
@@ -324,7 +332,8 @@ class PeftMachine(RuleBasedStateMachine):
             state, adapter = {**self.base_state, **self.merged_weights}, None
         with torch.no_grad():
             expected = self.reference.logits(state, adapter, ids)
-        assert_close(logits, expected, OUTPUT_RTOL[self.dtype], f"{what} ({self.describe()})")
+        assert_close(logits, expected, OUTPUT_RTOL[self.dtype], f"{what} ({self.describe()})",
+                     kind=f"logits {str(self.dtype).removeprefix('torch.')}")
 
     def describe(self) -> str:
         return (f"{self.counts_key}, {self.kind}, {self.dtype}, active={self.active}, merged={self.merged}, "
@@ -338,6 +347,7 @@ class PeftMachine(RuleBasedStateMachine):
         self.counts["steps"] += 1
         assert sorted(self.model.peft_config) == sorted(self.adapters)
         assert self.model.active_adapter == self.active
+        assert self.model.training == self.training
         for name, adapter in self.adapters.items():
             actual = self.read(name)
             for key, tensors in adapter.tensors.items():
@@ -353,6 +363,11 @@ class PeftMachine(RuleBasedStateMachine):
         self.check_logits(logits, self.expected_adapter(), self.ids, "forward with gradients")
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def stored_basis_gated(self) -> bool:
+        """Whether the "basis_store_dtype" gate holds the model where it is (a float16 NOLA model with a stored basis)."""
+        return ("basis_store_dtype" in self.known_bugs and self.method == "nola" and self.basis_mode != "per_layer"
+                and self.dtype == torch.float16)
+
     def drop_cached_factors(self):
         """``train()`` and back: every layer forgets its cached factors (the workaround for the gated bugs)."""
         self.model.train()
@@ -375,6 +390,8 @@ class PeftMachine(RuleBasedStateMachine):
             expected = self.merged_weights[f"{key}.weight"] - (delta.T if self.kind == "gpt2" else delta)
             error = float((actual - expected).abs().max())
             scale = float(expected.abs().max() + delta.abs().max())
+            WORST[f"unmerge {str(self.dtype).removeprefix('torch.')}"] = max(
+                WORST[f"unmerge {str(self.dtype).removeprefix('torch.')}"], error / scale)
             assert error <= UNMERGE_RTOL[self.dtype] * scale, (
                 f"base weight of {key} after unmerge is off by {error:.3e}, {error / scale:.2e} of max |W| + max |ΔW| "
                 f"= {scale:.3e}; allowed {UNMERGE_RTOL[self.dtype]:.1e} ({self.describe()})")
@@ -423,7 +440,8 @@ class PeftMachine(RuleBasedStateMachine):
                 expected = ref_grad[key, short] if name == self.active else torch.zeros(p.shape, dtype=torch.float64)
                 actual = p.grad if p.grad is not None else torch.zeros_like(p)
                 assert_close(actual, expected, GRAD_RTOL[self.dtype] if name == self.active else 0.0,
-                             f"gradient of {name} {key} {short} ({self.describe()})")
+                             f"gradient of {name} {key} {short} ({self.describe()})",
+                             kind=f"gradient {str(self.dtype).removeprefix('torch.')}")
         before = {id(p): p.detach().clone() for p in trainable}
         opt = torch.optim.SGD(trainable, lr=lr) if optimizer == "sgd" else torch.optim.Adam(trainable, lr=lr)
         opt.step()
@@ -526,8 +544,7 @@ class PeftMachine(RuleBasedStateMachine):
     @rule(dtype=st.sampled_from(sorted(DTYPES)))
     def cast(self, dtype):
         target = DTYPES[dtype]
-        if ("basis_store_roundtrip" in self.known_bugs and self.method == "nola" and self.basis_mode != "per_layer"
-                and self.dtype == torch.float16 and target != torch.float16):
+        if self.stored_basis_gated() and target != torch.float16:
             return
         self.counts[f"cast_{dtype}"] += 1
         getattr(self.model, {"float16": "half", "float32": "float", "float64": "double"}[dtype])()
@@ -537,6 +554,7 @@ class PeftMachine(RuleBasedStateMachine):
             self.merged_weights = {k: round_to(v, target) for k, v in self.merged_weights.items()}
         for adapter in self.adapters.values():
             adapter.dtype = target
+            adapter.on_grid = adapter.on_grid and target != torch.float16
             for tensors in adapter.tensors.values():
                 for short in tensors:
                     tensors[short] = round_to(tensors[short], target)
@@ -560,12 +578,13 @@ class PeftMachine(RuleBasedStateMachine):
             raise KeyboardInterrupt
 
         handle = target.register_forward_hook(interrupt)
-        kwargs = {}
+        ids, kwargs = self.ids, {}
         if mixed and not self.training and not self.merged:
-            kwargs["adapter_names"] = [self.pick(i) for i in range(len(self.ids))]
+            kwargs["adapter_names"] = self.layout([0, 1, 2], 1)
+            ids = torch.randint(1, VOCAB, (len(kwargs["adapter_names"]), 5), generator=torch.Generator().manual_seed(5))
         try:
             with self.grad_mode(mode), pytest.raises(KeyboardInterrupt):
-                self.model(self.ids, **kwargs)
+                self.model(ids, **kwargs)
         finally:
             handle.remove()
 
@@ -584,7 +603,7 @@ class PeftMachine(RuleBasedStateMachine):
             slack = 2 * float(old.abs().max()) * torch.finfo(adapter.dtype).eps
             assert float((new - old).abs().max()) <= float(step) / 2 * (1 + 2**-14) + slack, f"{key} {short} moved"
             adapter.tensors[key][short] = new.clone()
-        adapter.bits, adapter.on_grid = bits, adapter.dtype == torch.float32
+        adapter.bits, adapter.on_grid = bits, adapter.dtype != torch.float16  # float16 rounds the grid values again
 
     @precondition(lambda self: not self.merged)
     @rule()
@@ -603,6 +622,8 @@ class PeftMachine(RuleBasedStateMachine):
                 expected = self.base_state[f"{key}.weight"] + (delta.T if self.kind == "gpt2" else delta)
                 actual = state[f"{key}.base_layer.weight"].double()
                 error, scale = float((actual - expected).abs().max()), float(expected.abs().max() + delta.abs().max())
+                kind = f"merge {str(self.dtype).removeprefix('torch.')}"
+                WORST[kind] = max(WORST[kind], error / scale)
                 assert error <= UNMERGE_RTOL[self.dtype] * scale, (
                     f"merged weight of {key} is off by {error:.3e}, {error / scale:.2e} of max |W| + max |ΔW| "
                     f"({self.describe()})")
@@ -683,7 +704,7 @@ class PeftMachine(RuleBasedStateMachine):
     @rule(which=st.integers(0, 50), new_name=st.booleans(), into=st.integers(0, 5), trainable=st.booleans(),
           inference=st.booleans())
     def load_adapter(self, which, new_name, into, trainable, inference):
-        if not self.saved or (new_name and len(self.adapters) >= 4):
+        if not self.saved or (new_name and (len(self.adapters) >= 4 or self.stored_basis_gated())):
             return
         inference = inference and "inference_mode_load" not in self.known_bugs
         directory, saved, _ = self.saved[which % len(self.saved)]
@@ -748,7 +769,7 @@ class PeftMachine(RuleBasedStateMachine):
         for key, tensors in mirror.tensors.items():
             for short in TRAINABLE:
                 tensors[short] = round_to(saved.tensors[key][short], mirror.dtype)
-        mirror.bits, mirror.on_grid = saved.bits, saved.on_grid and mirror.dtype == torch.float32
+        mirror.bits, mirror.on_grid = saved.bits, saved.on_grid and mirror.dtype != torch.float16
         self.adapters[name] = mirror
 
     # ------------------------------------------------------------------------------------------- mixed batches
@@ -836,7 +857,7 @@ FAST = settings(max_examples=10, stateful_step_count=20, deadline=None, derandom
                 suppress_health_check=list(HealthCheck), print_blob=True,
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
 #: The long profile (-m slow): 10x the sequences, random (a new sample of sessions each run).
-SLOW = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None,
+SLOW = settings(max_examples=100, stateful_step_count=20, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -847,7 +868,8 @@ def _run(method, basis_mode, profile, label):
     start = time.perf_counter()
     run_state_machine_as_test(machine, settings=profile)
     report = {"profile": label, "machine": machine.counts_key, "seconds": round(time.perf_counter() - start, 1),
-              **dict(sorted(counts.items()))}
+              **dict(sorted(counts.items())), "worst_relative_error": {k: float(f"{v:.2e}") for k, v in WORST.items()}}
+    WORST.clear()
     print(json.dumps(report))
     assert counts["sequences"] >= 1 and counts["steps"] >= counts["sequences"]
 
@@ -902,11 +924,11 @@ def test_dtype_roundtrip_sequence_of_issue_23(method, basis_mode):
         machine.forward(mode="no_grad", rows=3)
 
 
-@pytest.mark.xfail("basis_store_roundtrip" in KNOWN_BUGS, strict=True, raises=AssertionError,
+@pytest.mark.xfail("basis_store_dtype" in KNOWN_BUGS, strict=True, raises=AssertionError,
                    reason="found here: NOLA's stored basis keeps its float16 rounding after .half().float()")
 @pytest.mark.parametrize("basis_mode", ["shared", "per_layer_cached"])
 def test_known_bug_stored_basis_keeps_float16_rounding(basis_mode):
-    with ungated("basis_store_roundtrip", "nola", basis_mode) as machine:
+    with ungated("basis_store_dtype", "nola", basis_mode) as machine:
         machine.forward(mode="grad", rows=1)  # generates and stores the float32 basis
         machine.cast(dtype="float16")
         machine.cast(dtype="float32")
@@ -937,3 +959,16 @@ def test_known_bug_loading_under_inference_mode():
 def test_known_bug_mixed_batch_with_unequal_segments():
     with ungated("unequal_segments") as machine:
         machine.mixed_batch(picks=[0] * 5 + [1] * 4, base_count=0, permutation=[0], mode="no_grad")
+
+
+@pytest.mark.xfail("basis_store_dtype" in KNOWN_BUGS, strict=True, raises=RuntimeError,
+                   reason="found here: a float32 adapter loaded into a float16 NOLA model meets a float16 stored basis")
+@pytest.mark.parametrize("basis_mode", ["shared", "per_layer_cached"])
+def test_known_bug_adapter_loaded_into_a_float16_model_crashes(basis_mode):
+    with ungated("basis_store_dtype", "nola", basis_mode) as machine:
+        machine.forward(mode="grad", rows=1)  # generates and stores the float32 basis
+        machine.save(which=0, check_load=False, inference=False)
+        machine.cast(dtype="float16")
+        machine.load_adapter(which=0, new_name=True, into=0, trainable=False, inference=False)
+        machine.set_adapter(which=1)  # "default", "loaded0", "other": the new adapter
+        machine.outputs_match_reference()
