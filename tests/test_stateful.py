@@ -730,11 +730,9 @@ class PeftMachine(RuleBasedStateMachine):
         if not new_name:
             mirror.spec = dict(self.adapters[name].spec)  # the loaded adapter keeps its own config (scale)
             mirror.bits = self.adapters[name].bits
-        if new_name:
-            # peft keeps a new adapter of a float16/bfloat16 model in float32 (autocast_adapter_dtype=True)
-            mirror.dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        else:
-            mirror.dtype = self.adapters[name].dtype
+        # peft's load_adapter upcasts the loaded adapter of a float16/bfloat16 model to float32
+        # (autocast_adapter_dtype=True), a new one or an existing one
+        mirror.dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         for tensors in mirror.tensors.values():
             for short in tensors:
                 tensors[short] = round_to(tensors[short], mirror.dtype)
