@@ -10,7 +10,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig, NoraConfig, set_factor_cache_budget
 from tests.conftest import tiny_llama
 

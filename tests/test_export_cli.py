@@ -13,7 +13,6 @@ import torch
 from peft import get_peft_model
 from transformers import LlamaConfig
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig
 from peft_nola.export import main
 from tests.conftest import REPO_ROOT, tiny_llama

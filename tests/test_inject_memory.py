@@ -11,7 +11,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig, NoraConfig
 from tests.conftest import REPO_ROOT, tiny_llama
 from tests.hostile import UNCHECKED, edit, then

@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig, NoraConfig, hotswap_adapter
 from tests.conftest import tiny_llama
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from peft import get_peft_model
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig, NoraConfig
 from tests.conftest import TinyMLP, assert_mixed_batch_matches_single_adapters, seeded, tiny_llama
 

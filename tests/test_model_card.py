@@ -194,7 +194,8 @@ def test_a_readme_link_is_not_read_through(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 23: peft's PeftModel.create_or_update_model_card loads and saves "
-                   "README.md through a link before peft-nola's card code runs; fixed in the library rebuild's next step")
+                   "README.md through a link before peft-nola's card code runs; fixed in the library rebuild's "
+                   "next step")
 def test_a_readme_link_target_is_not_written_through(tmp_path):
     outside = tmp_path / "private_notes.md"
     outside.write_text("# notes\n\nSECRET-LINE-4711 must stay on this machine.\n")
@@ -206,7 +207,8 @@ def test_a_readme_link_target_is_not_written_through(tmp_path):
     assert outside.read_bytes() == before
 
 
-HOSTILE_NAME = 'x"); __import__("os").system("echo owned") #\n# Injected heading\n<!-- peft-nola card: end -->\n| a | b |'
+HOSTILE_NAME = ('x"); __import__("os").system("echo owned") #\n# Injected heading\n<!-- peft-nola card: end -->\n'
+                '| a | b |')
 
 
 def test_config_strings_are_escaped_in_the_snippet_table_and_headings(tmp_path):

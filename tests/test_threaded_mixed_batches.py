@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import get_peft_model
 
-import peft_nola  # noqa: F401
 from peft_nola import NolaConfig
 from tests.conftest import tiny_llama
 

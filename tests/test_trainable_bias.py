@@ -6,7 +6,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-import peft_nola  # noqa: F401
 from peft_nola import GPT2_QV_SLICES, NolaConfig, hotswap_adapter
 from tests.conftest import tiny_gpt2
 
