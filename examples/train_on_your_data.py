@@ -52,7 +52,15 @@ def load_base(name: str, tiny: bool, vocab_size: int):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
         return LlamaForCausalLM(config)
     location, gguf_file = model_location(name)
-    return AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file)
+    if gguf_file:
+        # transformers dequantizes a GGUF file to float32 on load but keeps a GGUF quantization marker, with which the
+        # Trainer refuses to train and save_pretrained to save; nothing is quantized any more, so drop the marker.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def read_jsonl(path: str, columns: list[str]) -> list[dict]:
