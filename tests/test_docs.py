@@ -133,6 +133,7 @@ def test_block_runs(block: Block, tmp_path, monkeypatch):
         monkeypatch.chdir(reader_directory(tmp_path))
         monkeypatch.syspath_prepend(str(REPO_ROOT))
         exec(compile(block.code, block.id, "exec"), {"__name__": "__main__"})
+        check_what_the_readme_says_of(block, tmp_path)
         return
     code = "\n".join(line for line in block.code.splitlines() if line.strip() != README_TEST_COMMAND)
     if block.installs:
@@ -162,6 +163,16 @@ def test_python_block_defines_every_name_it_uses(block):
     defined |= {n.name for n in ast.walk(tree) if isinstance(n, ast.ExceptHandler) and n.name}
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert used - defined - set(dir(builtins)) == set()
+
+
+def check_what_the_readme_says_of(block: Block, cwd: Path) -> None:
+    """The README's Use snippet saves the adapter its size table measures (NOLA k=l=400, r=8, on SmolLM2 q, v)."""
+    saved = cwd / "out" / "adapter_model.safetensors"
+    if block.path.name != "README.md" or not saved.is_file():
+        return
+    row = re.search(r"^\| NOLA k=l=400 \(r=8\) \| 48,000 \| ([\d,]+) bytes \|$", block.path.read_text(), re.M)
+    assert row and saved.stat().st_size == int(row[1].replace(",", ""))
+    assert "peft-nola" in (cwd / "out" / "README.md").read_text()  # the model card
 
 
 def test_ci_runs_the_readme_test_command():
