@@ -16,11 +16,22 @@ folder (``python -m recipes.nlg --config that/run_config.yaml`` repeats it alone
    split plays no part.
 2. test: per setting and seed, train at the chosen rate and decode the test split.
 
+A setting whose ``lr_grid`` holds one rate trains at that rate: it has no selection runs.
+
 Resumable: a run whose ``results.json`` exists, parses and was written for exactly the config the study asks for now
 (output folder aside) is kept; any other run folder (a run killed midway, a half-written or deleted results.json, a
-config changed since) is emptied and run again. Writes into ``output_dir``: ``runs/<setting>/{select_lr*,test}_seed*``,
-``study.json`` (selection, per-run metrics and the per-setting mean and sample std), ``results.md`` and
-``bleu_vs_params.png``.
+config changed since) is emptied and run again. Writes into ``output_dir``: ``runs/<setting>/{select_lr*,test}_seed*``
+(each run's adapter, log and full outputs). With ``record_dir`` (a folder meant to be committed), each finished run's
+``results.json`` is also copied to ``record_dir/runs/...``, with a test run's predictions (``predictions.jsonl``:
+source and prediction per input) and, once for the study, the test inputs' references (``test_references.jsonl``);
+a run recorded there counts as finished, so a fresh clone continues where the committed record stops, and the
+report is built from the record alone. The report goes to ``record_dir`` (else ``output_dir``): ``study.json``
+(selection, per-run metrics, the per-setting mean and sample std, and with a paired ``claim`` the paired
+differences and their intervals, see ``study_stats.py``), ``results.md`` and ``bleu_vs_params.png``.
+
+``--dry_run`` lists the runs still to do and estimates their time: per run, training steps times seconds a step
+plus decoded inputs times seconds an input plus a fixed overhead, measured on the finished runs of the record when
+there are some, else the study's ``time_model``; the runs of a phase go to ``--jobs`` workers in order.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_stats, study_report beside this file
 
 from recipes.common import (  # noqa: E402
     RecipeError,
@@ -53,8 +65,11 @@ from recipes.common import (  # noqa: E402
 )
 from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
 
-STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs",
-              "widen_grid", "selection_metric", "common", "settings", "claim", "paper_reference"}
+STUDY_KEYS = {"output_dir", "record_dir", "seeds", "selection_seeds", "seed_keys", "validation_file",
+              "max_validation_inputs", "widen_grid", "selection_metric", "common", "settings", "claim",
+              "paper_reference", "time_model", "history"}
+# What --dry_run assumes a run costs until finished runs give measured figures (seconds; see the study YAML).
+TIME_MODEL_KEYS = {"train_step_s", "decode_input_s", "overhead_s"}
 SETTING_KEYS = {"name", "label", "config", "lr_grid"}
 # The study decides these per run; a setting or `common` that sets them would be silently overridden.
 RUN_KEYS = {"learning_rate", "output_dir", "test_file", "resume_from_checkpoint"}
@@ -84,6 +99,9 @@ class Study:
     claim: dict | None = None
     paper_reference: dict | None = None
     widen_grid: int = 2  # rates added past a grid's edge while its best rate is there
+    record_dir: Path | None = None  # finished runs' results (and test predictions) copied here, to be committed
+    time_model: dict | None = None  # --dry_run's seconds per training step / decoded input / run, until measured
+    history: dict | None = None  # an earlier round's study.json, shown in the report as history
     source: str = ""
     dataset: str = "e2e"
     _configs: dict = field(default_factory=dict, repr=False)
@@ -93,8 +111,10 @@ def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
 
 
-def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Sequence[int] | None = None) -> Study:
-    """Read and check a study YAML; ``output_dir`` / ``seeds`` override the file's. RecipeError names what is wrong."""
+def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Sequence[int] | None = None,
+               record_dir: str | None = None) -> Study:
+    """Read and check a study YAML; ``output_dir`` / ``seeds`` / ``record_dir`` override the file's. RecipeError names
+    what is wrong."""
     import yaml
 
     path = resolve_path(path)
@@ -140,6 +160,10 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         settings=settings,
         claim=raw.get("claim"),
         paper_reference=raw.get("paper_reference"),
+        record_dir=(resolve_path(record_dir or raw["record_dir"]).absolute()
+                    if record_dir or raw.get("record_dir") else None),
+        time_model=raw.get("time_model"),
+        history=raw.get("history"),
         source=where,
     )
     study.dataset = str(study.common.get("dataset", "e2e"))
@@ -152,10 +176,21 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
     if study.selection_metric not in metrics:
         raise _fail(where, f"selection_metric '{study.selection_metric}' is not a {study.dataset} metric; "
                            f"choose one of {', '.join(metrics)}")
-    if study.claim:
+    if study.claim and "compared" in study.claim:  # the paired claim: each compared setting against each reference
+        named = [*study.claim.get("references", []), *study.claim.get("compared", [])]
+        unknown_names = [n for n in named if n not in names]
+        if unknown_names or not study.claim.get("references") or not study.claim.get("compared"):
+            raise _fail(where, f"claim: 'references' and 'compared' must be non-empty lists of settings "
+                               f"({', '.join(names)}); unknown: {unknown_names}")
+        if study.record_dir is None:
+            raise _fail(where, "a paired claim (claim.compared) is computed from the runs' recorded predictions: "
+                               "set record_dir (e.g. docs/compression_study/<study name>)")
+    elif study.claim:
         missing = [k for k in ("reference", "compressed", "rank_one") if study.claim.get(k) not in names]
         if missing:
             raise _fail(where, f"claim: {missing} must name settings ({', '.join(names)})")
+    if study.time_model is not None and set(study.time_model) != TIME_MODEL_KEYS:
+        raise _fail(where, f"time_model needs exactly the keys {sorted(TIME_MODEL_KEYS)}, got {sorted(study.time_model)}")
     # Build every run's config now: a typo in any key fails here, not after hours of earlier runs.
     for run in planned_runs(study, chosen_lr={s.name: s.lr_grid[0] for s in settings}):
         run_config(study, run)
@@ -181,8 +216,9 @@ class Run:
 
 
 def selection_runs(study: Study) -> list[Run]:
+    """Every (rate, selection seed) of every grid with more than one rate (a one-rate grid is a fixed rate)."""
     return [Run(s.name, "select", seed, lr)
-            for s in study.settings for lr in s.lr_grid for seed in study.selection_seeds]
+            for s in study.settings if len(s.lr_grid) > 1 for lr in s.lr_grid for seed in study.selection_seeds]
 
 
 def test_runs(study: Study, chosen_lr: dict[str, float]) -> list[Run]:
@@ -229,9 +265,7 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "output_dir"}
 
 
-def finished_results(study: Study, run: Run) -> dict | None:
-    """The run's results.json if it is complete and was made by the config the study asks for now, else None."""
-    path = study.output_dir / run.relative_dir / "results.json"
+def _matching_results(study: Study, run: Run, path: Path) -> dict | None:
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -241,6 +275,46 @@ def finished_results(study: Study, run: Run) -> dict | None:
     if _comparable(results.get("config", {})) != _comparable(config_to_dict(run_config(study, run))):
         return None
     return results
+
+
+def finished_results(study: Study, run: Run) -> dict | None:
+    """The run's results if it is complete and was made by the config the study asks for now, else None: from the
+    record when the study keeps one (a run finished in output_dir but not yet recorded is recorded now), else from
+    output_dir."""
+    if study.record_dir is None:
+        return _matching_results(study, run, study.output_dir / run.relative_dir / "results.json")
+    recorded = _matching_results(study, run, study.record_dir / run.relative_dir / "results.json")
+    if recorded is not None and (run.phase != "test" or (study.record_dir / run.relative_dir / "predictions.jsonl")
+                                 .is_file()):
+        return recorded
+    results = _matching_results(study, run, study.output_dir / run.relative_dir / "results.json")
+    if results is not None:
+        record_run(study, run, results)
+    return results
+
+
+def record_run(study: Study, run: Run, results: dict) -> None:
+    """Copy a finished run into the record: its results.json and, for a test run, its predictions (source and
+    prediction per input) and the study's test references (written by the first test run recorded, checked by every
+    later one: the runs of a paired study must decode the same inputs with the same references)."""
+    out = study.output_dir / run.relative_dir
+    folder = study.record_dir / run.relative_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    if run.phase == "test":
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        references = "".join(json.dumps({"source": r["source"], "references": r["references"]}, ensure_ascii=False)
+                             + "\n" for r in records)
+        shared = study.record_dir / "test_references.jsonl"
+        if shared.is_file() and shared.read_text(encoding="utf-8") != references:
+            raise RecipeError(f"{run.relative_dir} decoded other test inputs or references than {shared} holds: the "
+                              "runs of a study must share their test inputs (was the test file or max_test_inputs "
+                              "changed? then record the study anew in an empty record_dir)")
+        if not shared.is_file():
+            _write_atomic(shared, references)
+        _write_atomic(folder / "predictions.jsonl", "".join(
+            json.dumps({"source": r["source"], "prediction": r["prediction"]}, ensure_ascii=False) + "\n"
+            for r in records))
+    _write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")  # last: it marks the run finished
 
 
 def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> dict:
@@ -255,8 +329,9 @@ def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> 
     import yaml
 
     out = study.output_dir / run.relative_dir
-    if out.exists():
-        shutil.rmtree(out)  # whatever a killed or outdated run left (partial adapter, predictions, stale results)
+    for folder in (out, study.record_dir / run.relative_dir if study.record_dir else None):
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder)  # whatever a killed or outdated run left (partial adapter, predictions, results)
     out.mkdir(parents=True)
     config_path = out / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(run_values(study, run), sort_keys=False))
@@ -265,6 +340,8 @@ def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> 
     started = time.time()
     with _output_to(out / "log.txt" if log_file else None):
         results = nlg.main(["--config", str(config_path)])
+    if study.record_dir is not None:
+        record_run(study, run, results)
     log.append({"run": run.relative_dir, "action": "ran", "seconds": round(time.time() - started, 1)})
     return results
 
@@ -342,6 +419,9 @@ def choose_learning_rates(study: Study, selection: dict[Run, dict]) -> dict[str,
     """Per setting: the mean validation metric of each grid rate and the chosen rate (best mean, first on a tie)."""
     chosen = {}
     for s in study.settings:
+        if len(s.lr_grid) == 1:  # a fixed rate: nothing to choose
+            chosen[s.name] = {"validation": {}, "learning_rate": s.lr_grid[0], "at_grid_edge": False}
+            continue
         scores = {}
         for lr in s.lr_grid:
             values = [selection[Run(s.name, "select", seed, lr)]["metrics"][study.selection_metric]
@@ -381,6 +461,91 @@ def select_learning_rates(study: Study, get) -> tuple[dict[Run, dict | None], di
                   flush=True)
         if not grew:
             return selection, info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Time estimate (--dry_run)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def time_figures(study: Study, finished: Sequence[dict]) -> dict | None:
+    """Seconds a training step, a decoded input and a run's overhead (loading, scoring): measured on ``finished``
+    runs' results when there are some, else the study's ``time_model``; None when neither is there."""
+    done = [r for r in finished if r.get("train_steps") and r.get("test_inputs")]
+    if done:
+        return {"train_step_s": sum(r["train_time_s"] for r in done) / sum(r["train_steps"] for r in done),
+                "decode_input_s": sum(r["decode_time_s"] for r in done) / sum(r["test_inputs"] for r in done),
+                "overhead_s": statistics.fmean(r["wall_time_s"] - r["train_time_s"] - r["decode_time_s"] for r in done),
+                "source": f"measured on {len(done)} finished run(s)"}
+    if study.time_model:
+        return {**{k: float(v) for k, v in study.time_model.items()}, "source": f"time_model of {study.source}"}
+    return None
+
+
+def run_estimate_s(study: Study, run: Run, figures: dict) -> float | None:
+    """A run's estimated seconds: steps x s/step + decoded inputs x s/input + overhead; None when the config does not
+    say its number of steps or inputs (epochs over all pairs, all inputs)."""
+    cfg = run_config(study, run)
+    steps = cfg.max_steps if cfg.max_steps > 0 else (
+        math.ceil(cfg.num_train_epochs * cfg.max_train_pairs / cfg.per_device_train_batch_size)
+        if cfg.max_train_pairs else None)
+    inputs = cfg.max_test_inputs
+    if steps is None or inputs is None:
+        return None
+    return steps * figures["train_step_s"] + inputs * figures["decode_input_s"] + figures["overhead_s"]
+
+
+def makespan(durations: Sequence[float], jobs: int) -> float:
+    """Wall time of runs handed in order to ``jobs`` workers, each taking the next run when it is free."""
+    free = [0.0] * max(1, jobs)
+    for seconds in durations:
+        free[free.index(min(free))] += seconds
+    return max(free)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def dry_run(study: Study, jobs: int) -> dict:
+    """Print the runs still to do with their estimated times, and the study's estimated wall time at one job and at
+    ``jobs`` (2 when 1 is asked: a 2-core machine's choice); runs nothing. Test runs whose rate the selection has not
+    chosen yet are counted at the grid's first rate (a run's time does not depend on its rate)."""
+    selection, info = select_learning_rates(study, lambda runs: {r: finished_results(study, r) for r in runs})
+    select_todo = [r for r, res in selection.items() if res is None]
+    chosen = {name: entry["learning_rate"] for name, entry in (info or {}).items()}
+    fixed = {s.name: s.lr_grid[0] for s in study.settings if len(s.lr_grid) == 1}
+    tests = test_runs(study, {s.name: chosen.get(s.name, fixed.get(s.name, s.lr_grid[0])) for s in study.settings})
+    test_todo = [r for r in tests if (r.setting not in chosen and r.setting not in fixed)
+                 or finished_results(study, r) is None]
+    done = [res for res in selection.values() if res is not None]
+    done += [res for r in tests if r not in test_todo and (res := finished_results(study, r)) is not None]
+    figures = time_figures(study, done)
+    print(f"selection: {len(select_todo)} of {len(selection)} run(s) to do"
+          + ("" if info else " (more if a best rate ends at the edge of its grid)")
+          + f"; test: {len(test_todo)} of {len(tests)} run(s) to do"
+          + ("" if info else " (at the rates the selection chooses)"))
+    estimates = {}
+    for r in [*select_todo, *test_todo]:
+        estimates[r] = run_estimate_s(study, r, figures) if figures else None
+        when = f"~{estimates[r] / 60:.0f} min" if estimates[r] is not None else "no estimate"
+        print(f"   {r.relative_dir}  {when}")
+    result: dict[str, Any] = {"todo": [r.relative_dir for r in [*select_todo, *test_todo]], "figures": figures}
+    if figures is None:
+        print("no time estimate: no finished runs yet and no time_model in the study")
+        return result
+    known = [r for r, e in estimates.items() if e is not None]
+    wall = {}
+    for n in sorted({1, jobs if jobs > 1 else 2}):
+        wall[n] = sum(makespan([estimates[r] for r in phase if estimates[r] is not None], n)
+                      for phase in (select_todo, test_todo))
+    result.update(estimate_s=sum(estimates[r] for r in known), wall_s=wall)
+    print(f"estimate ({figures['source']}: {figures['train_step_s']:.2f} s a training step, "
+          f"{figures['decode_input_s']:.2f} s a decoded input, {figures['overhead_s']:.0f} s a run besides; one "
+          f"thread a run): {_hours(result['estimate_s'])} of runs; wall time "
+          + ", ".join(f"{_hours(w)} with --jobs {n}" for n, w in wall.items())
+          + (f"; {len(estimates) - len(known)} run(s) without an estimate" if len(known) < len(estimates) else ""))
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -501,22 +666,27 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
     selection_rows = []
     for s in study.settings:
         e = settings[s.name]
-        cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}" for lr, v in e["validation"].items())
+        cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}"
+                          for lr, v in e["validation"].items()) or "fixed rate (a one-rate grid: no selection)"
         edge = " (still at the edge of the grid: widen it)" if e.get("at_grid_edge") else ""
         selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
                                "Chosen LR": f"{e['learning_rate']:g}{edge}"})
-    c = study.common
-    model = c.get("model_name_or_path") or f"random-init {(c.get('model_config') or {}).get('model_type', '?')}"
+    cfg = run_config(study, test_runs(study, {s.name: s.lr_grid[0] for s in study.settings})[0])
+    model = cfg.model_name_or_path or f"random-init {(cfg.model_config or {}).get('model_type', '?')}"
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
+    decoding = ("greedy decoding" if cfg.num_beams == 1 else
+                f"beam search ({cfg.num_beams} beams, length penalty {cfg.length_penalty:g})")
     lines = [
         "# Compression study: NOLA vs LoRA on E2E",
         "",
         f"Generated by `scripts/compression_study.py --study {meta['study_file']}` on {meta['generated']}.",
-        f"Model `{model}`, dataset {study.dataset}, target modules "
-        f"{', '.join(c.get('target_modules', []))}; every run: {c.get('max_steps')} steps of batch "
-        f"{c.get('per_device_train_batch_size')} on {c.get('max_train_pairs')} training pairs, decoding with "
-        f"{c.get('num_beams')} beam(s), at most {c.get('max_new_tokens')} new tokens, on the first "
-        f"{c.get('max_test_inputs')} test inputs. Seeds: {', '.join(map(str, study.seeds))} (config keys "
-        f"{', '.join(study.seed_keys)}). Mean ± sample std over seeds; BLEU, METEOR and ROUGE-L in percent.",
+        f"Model `{model}`, dataset {study.dataset}, target modules {', '.join(cfg.target_modules)}; every run: "
+        f"{steps} of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} on "
+        f"{cfg.max_train_pairs or 'all'} training pairs ({cfg.lr_scheduler_type} schedule, {cfg.warmup_steps} warmup "
+        f"steps, label smoothing {cfg.label_smoothing:g}), {decoding}, no repeated {cfg.no_repeat_ngram_size}-grams, "
+        f"at most {cfg.max_new_tokens} new tokens, on the first {cfg.max_test_inputs or 'all'} test inputs. Seeds: "
+        f"{', '.join(map(str, study.seeds))} (config keys {', '.join(study.seed_keys)}). Mean ± sample std over "
+        f"seeds; BLEU, METEOR and ROUGE-L in percent.",
         "",
         meta.get("run_time", ""),
         "",
@@ -524,6 +694,8 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         "",
         meta.get("claim") or "Not all settings of the claim have test runs yet.",
         "",
+        *([f"## Paired differences (BLEU points, compared − reference; {meta['paired_note']})", "",
+           meta["paired"], ""] if meta.get("paired") else []),
         "## Test split",
         "",
         markdown_table(rows, columns, headers).rstrip(),
@@ -533,7 +705,7 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         f"## Learning rate, chosen on the validation split ({study.validation_file}, first "
         f"{study.max_validation_inputs or 'all'} inputs, seeds {', '.join(map(str, study.selection_seeds))})",
         "",
-        markdown_table(selection_rows, list(selection_rows[0])).rstrip(),
+        markdown_table(selection_rows, list(selection_rows[0])).rstrip() if selection_rows else "No rates chosen.",
         "",
     ]
     ref = study.paper_reference
@@ -543,6 +715,8 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         lines += ["## Paper reference (drawn in the plot, not comparable in absolute BLEU)", "",
                   f"Source: {ref.get('source', '?')}. GPT-2 L, full E2E training, beam search.", "",
                   markdown_table(paper_rows, ["Row", "Trainable params", "BLEU"]).rstrip(), ""]
+    if meta.get("history"):
+        lines += [meta["history"]]
     return "\n".join(lines) + "\n"
 
 
@@ -616,6 +790,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="configs/studies/compression_study.yaml", help="study YAML")
     parser.add_argument("--output_dir", help="override the study's output_dir")
+    parser.add_argument("--record_dir", help="override the study's record_dir (finished runs and the report)")
     parser.add_argument("--seeds", help="comma-separated seeds, overriding the study's (e.g. 110,111)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process (e.g. 2 on a 2-core machine with OMP_NUM_THREADS=1)")
@@ -624,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="write the report from the finished runs on disk; run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    study = load_study(args.study, args.output_dir, seeds)
+    study = load_study(args.study, args.output_dir, seeds, args.record_dir)
     study.output_dir.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
 
@@ -632,19 +807,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {run: finished_results(study, run) for run in runs}
 
     if args.dry_run:
-        selection, selection_info = select_learning_rates(study, finished)
-        if selection_info is None:
-            todo = [r for r, res in selection.items() if res is None]
-            print(f"{len(todo)} of {len(selection)} selection runs to do (more if a best rate is at the edge of its "
-                  f"grid), then {len(study.settings)} x {len(study.seeds)} test runs at the chosen rates (finished "
-                  f"ones are kept)")
-        else:
-            tests = test_runs(study, {k: v["learning_rate"] for k, v in selection_info.items()})
-            todo = [r for r in tests if finished_results(study, r) is None]
-            print(f"selection finished; {len(todo)} of {len(tests)} test runs to do")
-        for r in todo:
-            print("  ", r.relative_dir)
-        return {"todo": [r.relative_dir for r in todo]}
+        return dry_run(study, args.jobs)
 
     if args.jobs < 1:
         raise RecipeError(f"--jobs must be at least 1, got {args.jobs}")
@@ -667,7 +830,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     meta = {"study_file": os.path.relpath(study.source, Path.cwd()),
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    meta["claim"] = answer_claim(study, settings)
+    report_dir = study.record_dir or study.output_dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    comparisons = None
+    if study.claim and "compared" in study.claim:
+        import study_report
+
+        comparisons = study_report.paired_comparisons(
+            study.claim, {s.name: s.label for s in study.settings},
+            {name: e["trainable_params"] for name, e in settings.items() if "trainable_params" in e}, study.seeds,
+            {(run.setting, run.seed): (run.relative_dir, r) for run, r in tests.items()}, study.record_dir)
+        meta["claim"] = study_report.paired_answer(comparisons, float(study.claim.get("margin_bleu", 1.0)))
+        meta["paired"] = study_report.paired_markdown(comparisons, markdown_table)
+        meta["paired_note"] = (f"bootstrap: {study.claim.get('bootstrap_resamples', 2000)} resamples of the test "
+                               f"inputs, seed {study.claim.get('bootstrap_seed', 0)}")
+    else:
+        meta["claim"] = answer_claim(study, settings)
+    if study.history:
+        import study_report
+
+        meta["history"] = study_report.history_markdown(study.history, resolve_path(study.history["study_json"]),
+                                                        markdown_table)
     run_seconds = [r["wall_time_s"] for r in [*selection.values(), *tests.values()]]  # type: ignore[index]
     meta["run_time"] = (f"{len(selection)} selection and {len(tests)} test runs; their wall times sum to "
                         f"{sum(run_seconds) / 3600:.1f} h ({statistics.fmean(run_seconds) / 60:.1f} min a run; runs "
@@ -679,12 +862,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 "adapter_bytes": r["adapter_bytes"]} for run, r in tests.items()},
                "selection_runs": {run.relative_dir: r["metrics"] for run, r in selection.items()},  # type: ignore
                "paper_reference": study.paper_reference}
-    _write_atomic(study.output_dir / "study.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(study.output_dir / "results.md", report_markdown(study, settings, meta))
-    if any("metrics" in e for e in settings.values()):
-        plot(study, settings, study.output_dir / "bleu_vs_params.png")
+    if comparisons is not None:
+        summary["paired"] = comparisons
+    _write_atomic(report_dir / "study.json", json.dumps(summary, indent=2) + "\n")
+    _write_atomic(report_dir / "results.md", report_markdown(study, settings, meta))
+    if comparisons is not None:
+        import matplotlib.pyplot as plt
+
+        cfg = run_config(study, test_runs(study, chosen)[0])
+        title = (f"{cfg.model_name_or_path or 'random-init model'}, {cfg.max_steps} steps, "
+                 f"{cfg.max_test_inputs or 'all'} test inputs, {len(study.seeds)} seed(s)")
+        plt.close(study_report.plot_paired(settings, comparisons, float(study.claim.get("margin_bleu", 1.0)), title,
+                                           report_dir / "bleu_vs_params.png"))
+    elif any("metrics" in e for e in settings.values()):
+        plot(study, settings, report_dir / "bleu_vs_params.png")
     ran = [entry for entry in log if entry["action"] == "ran"]
-    print(f"[study] {len(ran)} run(s) done now, {len(log) - len(ran)} kept; report: {study.output_dir / 'results.md'}")
+    print(f"[study] {len(ran)} run(s) done now, {len(log) - len(ran)} kept; report: {report_dir / 'results.md'}")
     if meta["claim"]:
         print(meta["claim"])
     return dict(summary, log=log)
