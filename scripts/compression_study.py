@@ -672,7 +672,7 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
                                "Chosen LR": f"{e['learning_rate']:g}{edge}"})
     cfg = run_config(study, test_runs(study, {s.name: s.lr_grid[0] for s in study.settings})[0])
-    model = cfg.model_name_or_path or f"random-init {(cfg.model_config or {}).get('model_type', '?')}"
+    model = cfg.model_name_or_path if cfg.model_config is None else f"random-init {cfg.model_config.get('model_type', '?')}"
     steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
     decoding = ("greedy decoding" if cfg.num_beams == 1 else
                 f"beam search ({cfg.num_beams} beams, length penalty {cfg.length_penalty:g})")
@@ -870,7 +870,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         import matplotlib.pyplot as plt
 
         cfg = run_config(study, test_runs(study, chosen)[0])
-        title = (f"{cfg.model_name_or_path or 'random-init model'}, {cfg.max_steps} steps, "
+        title = (f"{cfg.model_name_or_path if cfg.model_config is None else 'random-init model'}, "
+                 f"{f'{cfg.max_steps} steps' if cfg.max_steps > 0 else f'{cfg.num_train_epochs:g} epoch(s)'}, "
                  f"{cfg.max_test_inputs or 'all'} test inputs, {len(study.seeds)} seed(s)")
         plt.close(study_report.plot_paired(settings, comparisons, float(study.claim.get("margin_bleu", 1.0)), title,
                                            report_dir / "bleu_vs_params.png"))

@@ -75,8 +75,12 @@ def paired_comparisons(claim: dict, labels: dict[str, str], params: dict[str, in
     return out
 
 
+def _signed(x: float) -> str:
+    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns a rounded -0.0 into 0.0
+
+
 def _interval(interval: Sequence[float] | None) -> str:
-    return "-" if interval is None else f"[{interval[0] + 0.0:+.2f}, {interval[1] + 0.0:+.2f}]"
+    return "-" if interval is None else f"[{_signed(interval[0])}, {_signed(interval[1])}]"
 
 
 def paired_answer(comparisons: Sequence[dict], margin: float) -> str | None:
@@ -86,7 +90,7 @@ def paired_answer(comparisons: Sequence[dict], margin: float) -> str | None:
         return None
     seeds = sorted({s for c in comparisons for s in c["seeds"]})
     parts = [f"{c['compared_label']} ({c['compared_params']:,} parameters) − {c['reference_label']} "
-             f"({c['reference_params']:,}): {c['mean'] + 0.0:+.2f} BLEU (t {_interval(c['t_interval'])}, bootstrap "
+             f"({c['reference_params']:,}): {_signed(c['mean'])} BLEU (t {_interval(c['t_interval'])}, bootstrap "
              f"{_interval(c['bootstrap_interval'])}), {c['verdict']}" for c in comparisons]
     return (f"Is NOLA within ±{margin:g} BLEU of LoRA? Paired differences over {len(seeds)} seed(s) "
             f"({', '.join(map(str, seeds))}; per seed every setting saw the same training order and the same "
@@ -96,8 +100,8 @@ def paired_answer(comparisons: Sequence[dict], margin: float) -> str | None:
 
 def paired_markdown(comparisons: Sequence[dict], markdown_table) -> str:
     rows = [{"Compared": c["compared_label"], "Reference": c["reference_label"],
-             "Per-seed differences": ", ".join(f"{d + 0.0:+.2f}" for d in c["differences"]),
-             "Mean": f"{c['mean'] + 0.0:+.2f}", "95% CI, paired t (seeds)": _interval(c["t_interval"]),
+             "Per-seed differences": ", ".join(_signed(d) for d in c["differences"]),
+             "Mean": _signed(c["mean"]), "95% CI, paired t (seeds)": _interval(c["t_interval"]),
              "95% CI, bootstrap (test inputs)": _interval(c["bootstrap_interval"]), "Verdict": c["verdict"]}
             for c in comparisons]
     return markdown_table(rows, list(rows[0])).rstrip() if rows else "No paired test runs yet."
