@@ -1,9 +1,15 @@
-"""Compression study (issue 19): NOLA at a fraction of LoRA's parameters on E2E, with learning rates chosen on the
-validation split, several seeds, and a report that answers the paper's claim from the data.
+"""Compression study (issues 19, 26): NOLA at a fraction of LoRA's parameters on E2E, with learning rates chosen on
+the validation split, several seeds, and a report that answers the paper's claim from the data; with a paired
+``claim`` (configs/studies/paired_study.yaml), per-seed paired differences with 95% intervals (``study_stats.py``).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/compression_study.py \
-        --study configs/studies/compression_study.yaml [--jobs 2] [--output_dir DIR] [--seeds 110,111] [--dry_run] \
-        [--report_only]
+        --study configs/studies/paired_study.yaml [--jobs 2] [--output_dir DIR] [--record_dir DIR] \
+        [--seeds 110,111] [--dry_run] [--report_only]
+
+The pairing needs nothing from this script: per seed, every setting gets the same config apart from the adapter
+(same training pairs and test inputs), and transformers' Trainer draws the training order from the seed alone
+(accelerate's seedable sampler, seeded with ``torch.initial_seed()`` after the Trainer's ``set_seed(seed)``), not
+from whatever a method's initialisation drew from the global RNG (tests/test_compression_study.py records it).
 
 Every run is one call of the NLG recipe (``recipes.nlg.main``), in this process or, with ``--jobs N``, in one of N
 worker processes (its output then goes to ``log.txt`` in its folder), with a ``run_config.yaml`` written into its own
@@ -190,7 +196,8 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         if missing:
             raise _fail(where, f"claim: {missing} must name settings ({', '.join(names)})")
     if study.time_model is not None and set(study.time_model) != TIME_MODEL_KEYS:
-        raise _fail(where, f"time_model needs exactly the keys {sorted(TIME_MODEL_KEYS)}, got {sorted(study.time_model)}")
+        raise _fail(where, f"time_model needs exactly the keys {sorted(TIME_MODEL_KEYS)}, "
+                           f"got {sorted(study.time_model)}")
     # Build every run's config now: a typo in any key fails here, not after hours of earlier runs.
     for run in planned_runs(study, chosen_lr={s.name: s.lr_grid[0] for s in settings}):
         run_config(study, run)
@@ -672,7 +679,8 @@ def report_markdown(study: Study, settings: dict, meta: dict) -> str:
         selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
                                "Chosen LR": f"{e['learning_rate']:g}{edge}"})
     cfg = run_config(study, test_runs(study, {s.name: s.lr_grid[0] for s in study.settings})[0])
-    model = cfg.model_name_or_path if cfg.model_config is None else f"random-init {cfg.model_config.get('model_type', '?')}"
+    model = (cfg.model_name_or_path if cfg.model_config is None
+             else f"random-init {cfg.model_config.get('model_type', '?')}")
     steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
     decoding = ("greedy decoding" if cfg.num_beams == 1 else
                 f"beam search ({cfg.num_beams} beams, length penalty {cfg.length_penalty:g})")

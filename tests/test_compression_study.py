@@ -224,7 +224,8 @@ def test_study_end_to_end_selects_on_validation_records_resumes_and_reports_cons
             assert saved["settings"][name]["metrics"][metric]["values"] == values
     assert any(saved["settings"][name]["metrics"]["METEOR"]["std"] > 0 for name in GRIDS)  # seeds differ
     assert saved["paired"] == first["paired"] and saved["claim"] in report
-    assert f"NOLA k=l=8 (64 parameters) − LoRA r=2 (512): {round(sum(diffs) / 2, 2) + 0.0:+.2f} BLEU" in saved["claim"]
+    mean = round(sum(diffs) / 2, 2) + 0.0
+    assert f"NOLA k=l=8 (64 parameters) − LoRA r=2 (512): {mean:+.2f} BLEU" in saved["claim"]
     assert paired["verdict"] in saved["claim"]
     assert "| NOLA k=l=8 | LoRA r=2 | " in report
     assert (record / "bleu_vs_params.png").read_bytes()[:4] == b"\x89PNG"
@@ -605,11 +606,12 @@ def test_gpu_check_dry_run_prints_the_steps_and_checks_paths(tmp_path, capsys, m
     out = tmp_path / "gpu"
     assert gpu_check.main(["--dry_run", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "1. kernels (limit 90 s): " in printed and "-m pytest -q -p no:cacheprovider -rs tests/test_kernels.py" in printed
+    assert "1. kernels (limit 90 s): " in printed
+    assert "-m pytest -q -p no:cacheprovider -rs tests/test_kernels.py" in printed
     assert f"scripts/bench.py --shapes gpt2-medium-qv gpt2-medium-mlp gpt2-large-qv gpt2-large-mlp llama-stack " \
            f"vit-b-mlp --reps 10 --warmup 2 --budget_s 8 --out {out}/bench/bench.json" in printed
-    assert f"scripts/compression_study.py --study configs/studies/paired_study_gpu.yaml --output_dir {out}/study/work " \
-           f"--record_dir {out}/study --jobs 5" in printed
+    assert f"scripts/compression_study.py --study configs/studies/paired_study_gpu.yaml " \
+           f"--output_dir {out}/study/work --record_dir {out}/study --jobs 5" in printed
     assert "dry run: nothing was run" in printed and "problem" not in printed and not out.exists()
     assert sum(gpu_check.LIMITS.values()) <= 560  # 10 minutes with time to start Python and write the summary
     # A broken path is a problem, and the exit status says so.
