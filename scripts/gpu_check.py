@@ -3,7 +3,8 @@
 1. ``kernels``: ``tests/test_kernels.py`` (with a GPU visible, tests/conftest.py leaves Triton's interpreter off, so the
    fused kernels run on CUDA; the summary records how many tests passed and were skipped);
 2. ``bench``: ``scripts/bench.py`` on the papers' shapes (its full set: GPT-2 M/L q,v and MLP, a LLaMA-7B-wide stack,
-   ViT-B MLP), fewer rounds than its default so that it fits;
+   ViT-B MLP) at the README's GPU settings (batch 8, sequence 256), with 10 rounds and one warm-up round (as the
+   H100 figures in benchmarks/history.md) and at most 8 s of steps per method and shape, so that it fits;
 3. ``study``: the paired compression study at one full E2E epoch for one seed
    (``configs/studies/paired_study_gpu.yaml``: every setting at a fixed rate, all 630 test inputs, beam 10), its runs
    side by side on the one GPU (``--jobs``).
@@ -41,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 STUDY_YAML = "configs/studies/paired_study_gpu.yaml"
 E2E_FILES = ("train.txt", "valid.txt", "test.txt")
 # Seconds per step: together under 10 minutes, leaving ~40 s for starting Python and writing the summary.
-LIMITS = {"kernels": 90, "bench": 150, "study": 320}
+LIMITS = {"kernels": 90, "bench": 200, "study": 270}
 
 
 def steps(out: Path, study_jobs: int) -> list[dict]:
@@ -54,8 +55,8 @@ def steps(out: Path, study_jobs: int) -> list[dict]:
          "command": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_kernels.py",
                      f"--junitxml={out / 'kernels.xml'}"]},
         {"name": "bench", "limit_s": LIMITS["bench"], "needs": ["scripts/bench.py"],
-         "command": [python, "scripts/bench.py", "--shapes", *FULL_SHAPES, "--reps", "10", "--warmup", "2",
-                     "--budget_s", "8", "--out", str(out / "bench" / "bench.json")]},
+         "command": [python, "scripts/bench.py", "--shapes", *FULL_SHAPES, "--batch", "8", "--seq", "256",
+                     "--reps", "10", "--warmup", "1", "--budget_s", "8", "--out", str(out / "bench" / "bench.json")]},
         {"name": "study", "limit_s": LIMITS["study"], "needs": ["scripts/compression_study.py", STUDY_YAML],
          "command": [python, "scripts/compression_study.py", "--study", STUDY_YAML, "--output_dir",
                      str(out / "study" / "work"), "--record_dir", str(out / "study"), "--jobs", str(study_jobs)]},

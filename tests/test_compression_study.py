@@ -609,7 +609,7 @@ def test_gpu_check_dry_run_prints_the_steps_and_checks_paths(tmp_path, capsys, m
     assert "1. kernels (limit 90 s): " in printed
     assert "-m pytest -q -p no:cacheprovider -rs tests/test_kernels.py" in printed
     assert f"scripts/bench.py --shapes gpt2-medium-qv gpt2-medium-mlp gpt2-large-qv gpt2-large-mlp llama-stack " \
-           f"vit-b-mlp --reps 10 --warmup 2 --budget_s 8 --out {out}/bench/bench.json" in printed
+           f"vit-b-mlp --batch 8 --seq 256 --reps 10 --warmup 1 --budget_s 8 --out {out}/bench/bench.json" in printed
     assert f"scripts/compression_study.py --study configs/studies/paired_study_gpu.yaml " \
            f"--output_dir {out}/study/work --record_dir {out}/study --jobs 5" in printed
     assert "dry run: nothing was run" in printed and "problem" not in printed and not out.exists()
