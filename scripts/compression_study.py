@@ -58,7 +58,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_stats, study_report beside this file
+if str(Path(__file__).resolve().parent) not in sys.path:  # study_stats, study_report beside this file
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 from recipes.common import (  # noqa: E402
     RecipeError,

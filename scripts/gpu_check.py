@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study_jobs", type=int, default=5, help="study runs side by side on the GPU")
     parser.add_argument("--dry_run", action="store_true", help="print the steps, check paths and configs, run nothing")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    if str(REPO_ROOT / "scripts") not in sys.path:  # bench, compression_study beside this file
+        sys.path.append(str(REPO_ROOT / "scripts"))
     from recipes.common import default_data_root
 
     out = (args.out or REPO_ROOT / "runs" / "gpu_check" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())).absolute()

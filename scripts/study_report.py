@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import study_stats
+from recipes.common import RecipeError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -25,12 +26,12 @@ def bleu_statistics_of_run(record_dir: Path, relative_dir: str, results: dict,
     order, and their corpus BLEU is the BLEU the run reported (so the bootstrap resamples what was scored)."""
     predictions = read_jsonl(record_dir / relative_dir / "predictions.jsonl")
     if [p["source"] for p in predictions] != [r["source"] for r in references]:
-        raise ValueError(f"{relative_dir}: its predictions are not for the study's test inputs in the study's order "
+        raise RecipeError(f"{relative_dir}: its predictions are not for the study's test inputs in the study's order "
                          f"({record_dir / 'test_references.jsonl'}); the comparison would not be paired")
     stats = study_stats.bleu_statistics([r["references"] for r in references], [p["prediction"] for p in predictions])
     bleu = float(study_stats.bleu_from_statistics(stats.sum(axis=0)))
     if abs(bleu - results["metrics"]["BLEU"]) > 1e-9:
-        raise ValueError(f"{relative_dir}: BLEU recomputed from predictions.jsonl is {bleu!r}, the run reported "
+        raise RecipeError(f"{relative_dir}: BLEU recomputed from predictions.jsonl is {bleu!r}, the run reported "
                          f"{results['metrics']['BLEU']!r}; the record is inconsistent (rerun the run)")
     return stats
 

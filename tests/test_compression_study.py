@@ -580,7 +580,7 @@ def test_report_refuses_predictions_that_do_not_reproduce_the_reported_bleu(tmp_
     write_made_up_record(study_script, study, runs)
     changed = tmp_path / "record" / "runs" / "nola_k96" / "test_seed2" / "predictions.jsonl"
     changed.write_text(changed.read_text().replace("Alimentum", "Zizzi"))
-    with pytest.raises(ValueError, match="nola_k96/test_seed2: BLEU recomputed from predictions.jsonl is"):
+    with pytest.raises(RecipeError, match="nola_k96/test_seed2: BLEU recomputed from predictions.jsonl is"):
         study_script.main(["--study", str(path), "--report_only"])
 
 

@@ -4,7 +4,6 @@ explicit loop that scores every resample with that scorer."""
 
 import builtins
 import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from recipes.metrics import pymteval_bleu
 from tests.conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 spec = importlib.util.spec_from_file_location("study_stats", REPO_ROOT / "scripts" / "study_stats.py")
 study_stats = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study_stats)
