@@ -66,11 +66,12 @@ from recipes.common import (  # noqa: E402
     _unknown_key_error,
     config_to_dict,
     load_config,
-    markdown_table,
     resolve_path,
     run_cli,
 )
-from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
+from recipes.nlg import TABLE_COLUMNS, NLGConfig, validate  # noqa: E402
+
+import study_report  # noqa: E402
 
 STUDY_KEYS = {"output_dir", "record_dir", "seeds", "selection_seeds", "seed_keys", "validation_file",
               "max_validation_inputs", "widen_grid", "selection_metric", "common", "settings", "claim",
@@ -414,7 +415,8 @@ def execute_all(study: Study, runs: list[Run], log: list[dict], jobs: int) -> di
                 run = futures[future]
                 results[run], worker_log = future.result()
                 log.extend(worker_log)
-                score = _scale(study, study.selection_metric) * results[run]["metrics"][study.selection_metric]
+                score = (study_report.metric_scale(study, study.selection_metric)
+                         * results[run]["metrics"][study.selection_metric])
                 print(f"[study] {run.relative_dir}: done in {worker_log[-1]['seconds']:.0f} s, "
                       f"{study.selection_metric} {score:.2f}", flush=True)
         except BaseException:
@@ -556,233 +558,6 @@ def dry_run(study: Study, jobs: int) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Aggregation and report
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(study: Study, selection_info: dict, tests: dict[Run, dict]) -> dict:
-    """Per setting: chosen rate, trainable parameters, adapter bytes, and mean/std of every metric over seeds."""
-    settings = {}
-    for s in study.settings:
-        runs = [(run, r) for run, r in tests.items() if run.setting == s.name]
-        entry: dict[str, Any] = {"label": s.label, "method": s.config.get("method", study.common.get("method")),
-                                 "basis_mode": s.config.get("basis_mode", study.common.get("basis_mode")),
-                                 "learning_rate": selection_info[s.name]["learning_rate"],
-                                 "validation": selection_info[s.name]["validation"],
-                                 "at_grid_edge": selection_info[s.name]["at_grid_edge"],
-                                 "seeds": [run.seed for run, _ in runs],
-                                 "runs": [run.relative_dir for run, _ in runs]}
-        if runs:
-            params = {r["trainable_params"] for _, r in runs}
-            adapter = {r["adapter_bytes"] for _, r in runs}
-            if len(params) != 1:
-                raise RuntimeError(f"{s.name}: runs disagree on trainable parameters {sorted(params)}")
-            entry["trainable_params"] = params.pop()
-            entry["adapter_bytes"] = max(adapter)
-            names = sorted(set.intersection(*(set(r["metrics"]) for _, r in runs)))
-            entry["metrics"] = {}
-            for name in names:
-                mean, std = mean_std([r["metrics"][name] for _, r in runs])
-                entry["metrics"][name] = {"mean": mean, "std": std, "values": [r["metrics"][name] for _, r in runs]}
-            entry["wall_time_s"] = statistics.fmean(r["wall_time_s"] for _, r in runs)
-        settings[s.name] = entry
-    return settings
-
-
-def _scale(study: Study, metric: str) -> float:
-    return 100.0 if metric in PERCENT_METRICS.get(study.dataset, ()) else 1.0
-
-
-def format_mean_std(study: Study, metric: str, stats: dict | None) -> str:
-    """"53.21 ± 0.40" on the paper's scale (E2E BLEU, METEOR, ROUGE-L in percent); "-" when absent."""
-    if not stats:
-        return "-"
-    scale = _scale(study, metric)
-    digits = 2 if scale == 100.0 else 3
-    mean = f"{scale * stats['mean']:.{digits}f}"
-    return mean if stats["std"] is None else f"{mean} ± {scale * stats['std']:.{digits}f}"
-
-
-def _signed(x: float) -> str:
-    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns a rounded -0.0 into 0.0
-
-
-def answer_claim(study: Study, settings: dict) -> str | None:
-    """One sentence with numbers for each of the issue's two questions, or None when the data are not all there."""
-    claim = study.claim
-    if not claim:
-        return None
-    ref, comp, one = (settings.get(claim[k]) for k in ("reference", "compressed", "rank_one"))
-    if not all(e and "metrics" in e for e in (ref, comp, one)):
-        return None
-    margin = float(claim.get("margin_bleu", 1.0))
-    scale = _scale(study, "BLEU")
-
-    def bleu(e: dict) -> str:
-        return format_mean_std(study, "BLEU", e["metrics"]["BLEU"])
-
-    def delta(a: dict, b: dict) -> float:
-        return scale * (a["metrics"]["BLEU"]["mean"] - b["metrics"]["BLEU"]["mean"])
-
-    d1 = delta(comp, ref)
-    ratio = ref["trainable_params"] / comp["trainable_params"]
-    verdict1 = "yes" if d1 >= -margin else "no"
-    first = (f"NOLA at 1/{ratio:.0f} of {ref['label']}'s parameters: {verdict1}, it is "
-             f"{'within' if d1 >= -margin else 'not within'} {margin:g} BLEU ({comp['label']}, "
-             f"{comp['trainable_params']:,} parameters, {bleu(comp)} BLEU vs {ref['label']}, "
-             f"{ref['trainable_params']:,}, {bleu(ref)}; difference {_signed(d1)})")
-    below = sorted((e for e in settings.values() if e.get("method") == "nola" and "metrics" in e
-                    and e["trainable_params"] < one["trainable_params"]), key=lambda e: -e["trainable_params"])
-    if not below:
-        return first + f"; no NOLA setting has fewer parameters than {one['label']}."
-    parts = [f"{e['label']} ({e['trainable_params']:,}) {bleu(e)} ({_signed(delta(e, one))})"
-             for e in below]
-    matching = [e for e in below if delta(e, one) >= -margin]
-    if not matching:
-        verdict2 = "no"
-    elif len(matching) == len(below):
-        verdict2 = "yes"
-    else:
-        verdict2 = (f"yes for {', '.join(e['label'] for e in matching)}, not for "
-                    f"{', '.join(e['label'] for e in below if e not in matching)}")
-    second = (f"NOLA below {one['label']}'s {one['trainable_params']:,} parameters matching it (within {margin:g} "
-              f"BLEU of its {bleu(one)}): {verdict2} ({'; '.join(parts)}).")
-    return f"{first}; {second}"
-
-
-def report_markdown(study: Study, settings: dict, meta: dict) -> str:
-    """results.md: setup, the claim's answer, per-setting table (mean ± std over seeds), rate selection, paper rows."""
-    metrics = TABLE_COLUMNS.get(study.dataset, ["BLEU"])
-    order = sorted(study.settings, key=lambda s: -settings[s.name].get("trainable_params", 0))
-    rows = []
-    for s in order:
-        e = settings[s.name]
-        row = {"Setting": s.label, "Trainable params": f"{e['trainable_params']:,}" if "trainable_params" in e else "-",
-               "Adapter bytes": f"{e['adapter_bytes']:,}" if "adapter_bytes" in e else "-",
-               "LR": f"{e['learning_rate']:g}", "Seeds": len(e["seeds"])}
-        for m in metrics:
-            row[m] = format_mean_std(study, m, e.get("metrics", {}).get(m))
-        rows.append(row)
-    columns = ["Setting", "Trainable params", "Adapter bytes", "LR", "Seeds", *metrics]
-    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
-    selection_rows = []
-    for s in study.settings:
-        e = settings[s.name]
-        cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}"
-                          for lr, v in e["validation"].items()) or "fixed rate (a one-rate grid: no selection)"
-        edge = " (still at the edge of the grid: widen it)" if e.get("at_grid_edge") else ""
-        selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
-                               "Chosen LR": f"{e['learning_rate']:g}{edge}"})
-    cfg = run_config(study, test_runs(study, {s.name: s.lr_grid[0] for s in study.settings})[0])
-    model = (cfg.model_name_or_path if cfg.model_config is None
-             else f"random-init {cfg.model_config.get('model_type', '?')}")
-    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
-    decoding = ("greedy decoding" if cfg.num_beams == 1 else
-                f"beam search ({cfg.num_beams} beams, length penalty {cfg.length_penalty:g})")
-    lines = [
-        "# Compression study: NOLA vs LoRA on E2E",
-        "",
-        f"Generated by `scripts/compression_study.py --study {meta['study_file']}` on {meta['generated']}.",
-        f"Model `{model}`, dataset {study.dataset}, target modules {', '.join(cfg.target_modules)}; every run: "
-        f"{steps} of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} on "
-        f"{cfg.max_train_pairs or 'all'} training pairs ({cfg.lr_scheduler_type} schedule, {cfg.warmup_steps} warmup "
-        f"steps, label smoothing {cfg.label_smoothing:g}), {decoding}, no repeated {cfg.no_repeat_ngram_size}-grams, "
-        f"at most {cfg.max_new_tokens} new tokens, on the first {cfg.max_test_inputs or 'all'} test inputs. Seeds: "
-        f"{', '.join(map(str, study.seeds))} (config keys {', '.join(study.seed_keys)}). Mean ± sample std over "
-        f"seeds; BLEU, METEOR and ROUGE-L in percent.",
-        "",
-        meta.get("run_time", ""),
-        "",
-        "## Answer",
-        "",
-        meta.get("claim") or "Not all settings of the claim have test runs yet.",
-        "",
-        *([f"## Paired differences (BLEU points, compared − reference; {meta['paired_note']})", "",
-           meta["paired"], ""] if meta.get("paired") else []),
-        "## Test split",
-        "",
-        markdown_table(rows, columns, headers).rstrip(),
-        "",
-        "![BLEU against trainable parameters](bleu_vs_params.png)",
-        "",
-        f"## Learning rate, chosen on the validation split ({study.validation_file}, first "
-        f"{study.max_validation_inputs or 'all'} inputs, seeds {', '.join(map(str, study.selection_seeds))})",
-        "",
-        markdown_table(selection_rows, list(selection_rows[0])).rstrip() if selection_rows else "No rates chosen.",
-        "",
-    ]
-    ref = study.paper_reference
-    if ref:
-        paper_rows = [{"Row": p["label"], "Trainable params": f"{int(p['trainable_params']):,}",
-                       "BLEU": f"{float(p['BLEU']):.1f}"} for p in ref.get("points", [])]
-        lines += ["## Paper reference (drawn in the plot, not comparable in absolute BLEU)", "",
-                  f"Source: {ref.get('source', '?')}. GPT-2 L, full E2E training, beam search.", "",
-                  markdown_table(paper_rows, ["Row", "Trainable params", "BLEU"]).rstrip(), ""]
-    if meta.get("history"):
-        lines += [meta["history"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot(study: Study, settings: dict, path: Path) -> None:
-    """BLEU against trainable parameters (log x), mean with sample-std error bars; the paper's points in a panel
-    beside (same x axis, their own y axis: another model, decoding and training length)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scale = _scale(study, "BLEU")
-    points = (study.paper_reference or {}).get("points", [])
-    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(11 if points else 6.5, 4.6), sharex=True, squeeze=False)
-    ax = axes[0][0]
-    styles = {"lora": ("s", "tab:blue", "LoRA"), "nola": ("o", "tab:red", "NOLA")}
-    for method, (marker, color, name) in styles.items():
-        for per_layer in (False, True):
-            pts = sorted((e["trainable_params"], scale * e["metrics"]["BLEU"]["mean"],
-                          scale * (e["metrics"]["BLEU"]["std"] or 0.0), e["label"])
-                         for e in settings.values() if e.get("method") == method and "metrics" in e
-                         and str(e.get("basis_mode") or "").startswith("per_layer") == per_layer)
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                        color=color, linestyle="none" if per_layer else "-", capsize=3,
-                        markerfacecolor="white" if per_layer else color,
-                        label=f"{name}{' (per-layer basis)' if per_layer else ''}")
-            for x, y, _, label in pts:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
-    ax.set_title(f"this study: {study.common.get('model_name_or_path') or 'random-init model'} "
-                 f"(mean ± std, {len(study.seeds)} seeds)", fontsize=9)
-    if points:
-        paper = axes[0][1]
-        for p in points:
-            marker, color, _ = styles.get(p.get("method"), ("^", "gray", ""))
-            paper.scatter([p["trainable_params"]], [p["BLEU"]], marker=marker, color=color, s=50, label=p["label"])
-            paper.annotate(p["label"], (p["trainable_params"], p["BLEU"]), textcoords="offset points",
-                           xytext=(5, -10), fontsize=7)
-        # The same BLEU span as the left panel, so gaps read alike on both; the source is named in results.md.
-        low, high = ax.get_ylim()
-        span = max(high - low, 2.0)  # at least 2 BLEU points, so near-equal scores do not fill the panel
-        ax.set_ylim((low + high - span) / 2, (low + high + span) / 2)
-        middle = statistics.fmean(float(p["BLEU"]) for p in points)
-        paper.set_ylim(middle - span / 2, middle + span / 2)
-        paper.set_title("for reference: the paper's points (same y span; source in results.md)", fontsize=9)
-    for a in axes[0]:
-        a.set_xscale("log")
-        a.set_xlabel("trainable parameters (log scale)")
-        a.set_ylabel("BLEU (test)")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -835,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"[study] warning: {name}'s best validation {study.selection_metric} is still at the edge of its "
                   f"lr_grid ({info['learning_rate']:g}) after widening it {study.widen_grid} time(s)", flush=True)
     tests = {run: res for run, res in get(test_runs(study, chosen)).items() if res is not None}
-    settings = aggregate(study, selection_info, tests)
+    settings = study_report.aggregate(study, selection_info, tests)
 
     meta = {"study_file": os.path.relpath(study.source, Path.cwd()),
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -843,23 +618,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     comparisons = None
     if study.claim and "compared" in study.claim:
-        import study_report
-
         comparisons = study_report.paired_comparisons(
             study.claim, {s.name: s.label for s in study.settings},
             {name: e["trainable_params"] for name, e in settings.items() if "trainable_params" in e}, study.seeds,
             {(run.setting, run.seed): (run.relative_dir, r) for run, r in tests.items()}, study.record_dir)
         meta["claim"] = study_report.paired_answer(comparisons, float(study.claim.get("margin_bleu", 1.0)))
-        meta["paired"] = study_report.paired_markdown(comparisons, markdown_table)
+        meta["paired"] = study_report.paired_markdown(comparisons)
         meta["paired_note"] = (f"bootstrap: {study.claim.get('bootstrap_resamples', 2000)} resamples of the test "
                                f"inputs, seed {study.claim.get('bootstrap_seed', 0)}")
     else:
-        meta["claim"] = answer_claim(study, settings)
+        meta["claim"] = study_report.answer_claim(study, settings)
     if study.history:
-        import study_report
-
-        meta["history"] = study_report.history_markdown(study.history, resolve_path(study.history["study_json"]),
-                                                        markdown_table)
+        meta["history"] = study_report.history_markdown(study.history, resolve_path(study.history["study_json"]))
     run_seconds = [r["wall_time_s"] for r in [*selection.values(), *tests.values()]]  # type: ignore[index]
     meta["run_time"] = (f"{len(selection)} selection and {len(tests)} test runs; their wall times sum to "
                         f"{sum(run_seconds) / 3600:.1f} h ({statistics.fmean(run_seconds) / 60:.1f} min a run; runs "
@@ -874,18 +644,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if comparisons is not None:
         summary["paired"] = comparisons
     _write_atomic(report_dir / "study.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(report_dir / "results.md", report_markdown(study, settings, meta))
+    cfg = run_config(study, test_runs(study, chosen)[0])  # what every test run shares (data, steps, decoding)
+    _write_atomic(report_dir / "results.md", study_report.report_markdown(study, settings, meta, cfg))
     if comparisons is not None:
         import matplotlib.pyplot as plt
 
-        cfg = run_config(study, test_runs(study, chosen)[0])
         title = (f"{cfg.model_name_or_path if cfg.model_config is None else 'random-init model'}, "
                  f"{f'{cfg.max_steps} steps' if cfg.max_steps > 0 else f'{cfg.num_train_epochs:g} epoch(s)'}, "
                  f"{cfg.max_test_inputs or 'all'} test inputs, {len(study.seeds)} seed(s)")
         plt.close(study_report.plot_paired(settings, comparisons, float(study.claim.get("margin_bleu", 1.0)), title,
                                            report_dir / "bleu_vs_params.png"))
     elif any("metrics" in e for e in settings.values()):
-        plot(study, settings, report_dir / "bleu_vs_params.png")
+        study_report.plot(study, settings, report_dir / "bleu_vs_params.png")
     ran = [entry for entry in log if entry["action"] == "ran"]
     print(f"[study] {len(ran)} run(s) done now, {len(log) - len(ran)} kept; report: {report_dir / 'results.md'}")
     if meta["claim"]:

@@ -1,23 +1,252 @@
-"""The compression study's paired report: per-seed BLEU differences of each compared setting from each reference
-setting, their 95% intervals (``study_stats``), the answer sentence, the table of an earlier round kept as history,
-and the plot (BLEU against parameters beside the paired differences, with no overlapping text).
+"""The compression study's report: per-setting aggregates over seeds, results.md, the plots, the claim's answer;
+for a paired claim the per-seed BLEU differences of each compared setting from each reference setting with their
+95% intervals (``study_stats``), the table of an earlier round kept as history, and a plot (BLEU against parameters
+beside the paired differences) whose texts do not overlap.
 
-Reads only what the study's record holds: each test run's results.json (passed in) and predictions.jsonl, and the
-study's test_references.jsonl.
+Reads only what it is given and what the study's record holds: each test run's results.json (passed in) and
+predictions.jsonl, and the study's test_references.jsonl.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import study_stats
-from recipes.common import RecipeError
+from recipes.common import RecipeError, markdown_table
+from recipes.nlg import PERCENT_METRICS, TABLE_COLUMNS
+
+if TYPE_CHECKING:
+    from compression_study import Run, Study
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(study: Study, selection_info: dict, tests: dict[Run, dict]) -> dict:
+    """Per setting: chosen rate, trainable parameters, adapter bytes, and mean/std of every metric over seeds."""
+    settings = {}
+    for s in study.settings:
+        runs = [(run, r) for run, r in tests.items() if run.setting == s.name]
+        entry: dict[str, Any] = {"label": s.label, "method": s.config.get("method", study.common.get("method")),
+                                 "basis_mode": s.config.get("basis_mode", study.common.get("basis_mode")),
+                                 "learning_rate": selection_info[s.name]["learning_rate"],
+                                 "validation": selection_info[s.name]["validation"],
+                                 "at_grid_edge": selection_info[s.name]["at_grid_edge"],
+                                 "seeds": [run.seed for run, _ in runs],
+                                 "runs": [run.relative_dir for run, _ in runs]}
+        if runs:
+            params = {r["trainable_params"] for _, r in runs}
+            adapter = {r["adapter_bytes"] for _, r in runs}
+            if len(params) != 1:
+                raise RuntimeError(f"{s.name}: runs disagree on trainable parameters {sorted(params)}")
+            entry["trainable_params"] = params.pop()
+            entry["adapter_bytes"] = max(adapter)
+            names = sorted(set.intersection(*(set(r["metrics"]) for _, r in runs)))
+            entry["metrics"] = {}
+            for name in names:
+                mean, std = mean_std([r["metrics"][name] for _, r in runs])
+                entry["metrics"][name] = {"mean": mean, "std": std, "values": [r["metrics"][name] for _, r in runs]}
+            entry["wall_time_s"] = statistics.fmean(r["wall_time_s"] for _, r in runs)
+        settings[s.name] = entry
+    return settings
+
+
+def metric_scale(study: Study, metric: str) -> float:
+    return 100.0 if metric in PERCENT_METRICS.get(study.dataset, ()) else 1.0
+
+
+def format_mean_std(study: Study, metric: str, stats: dict | None) -> str:
+    """"53.21 ± 0.40" on the paper's scale (E2E BLEU, METEOR, ROUGE-L in percent); "-" when absent."""
+    if not stats:
+        return "-"
+    scale = metric_scale(study, metric)
+    digits = 2 if scale == 100.0 else 3
+    mean = f"{scale * stats['mean']:.{digits}f}"
+    return mean if stats["std"] is None else f"{mean} ± {scale * stats['std']:.{digits}f}"
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns a rounded -0.0 into 0.0
+
+
+def answer_claim(study: Study, settings: dict) -> str | None:
+    """One sentence with numbers for each of the issue's two questions, or None when the data are not all there."""
+    claim = study.claim
+    if not claim:
+        return None
+    ref, comp, one = (settings.get(claim[k]) for k in ("reference", "compressed", "rank_one"))
+    if not all(e and "metrics" in e for e in (ref, comp, one)):
+        return None
+    margin = float(claim.get("margin_bleu", 1.0))
+    scale = metric_scale(study, "BLEU")
+
+    def bleu(e: dict) -> str:
+        return format_mean_std(study, "BLEU", e["metrics"]["BLEU"])
+
+    def delta(a: dict, b: dict) -> float:
+        return scale * (a["metrics"]["BLEU"]["mean"] - b["metrics"]["BLEU"]["mean"])
+
+    d1 = delta(comp, ref)
+    ratio = ref["trainable_params"] / comp["trainable_params"]
+    verdict1 = "yes" if d1 >= -margin else "no"
+    first = (f"NOLA at 1/{ratio:.0f} of {ref['label']}'s parameters: {verdict1}, it is "
+             f"{'within' if d1 >= -margin else 'not within'} {margin:g} BLEU ({comp['label']}, "
+             f"{comp['trainable_params']:,} parameters, {bleu(comp)} BLEU vs {ref['label']}, "
+             f"{ref['trainable_params']:,}, {bleu(ref)}; difference {_signed(d1)})")
+    below = sorted((e for e in settings.values() if e.get("method") == "nola" and "metrics" in e
+                    and e["trainable_params"] < one["trainable_params"]), key=lambda e: -e["trainable_params"])
+    if not below:
+        return first + f"; no NOLA setting has fewer parameters than {one['label']}."
+    parts = [f"{e['label']} ({e['trainable_params']:,}) {bleu(e)} ({_signed(delta(e, one))})"
+             for e in below]
+    matching = [e for e in below if delta(e, one) >= -margin]
+    if not matching:
+        verdict2 = "no"
+    elif len(matching) == len(below):
+        verdict2 = "yes"
+    else:
+        verdict2 = (f"yes for {', '.join(e['label'] for e in matching)}, not for "
+                    f"{', '.join(e['label'] for e in below if e not in matching)}")
+    second = (f"NOLA below {one['label']}'s {one['trainable_params']:,} parameters matching it (within {margin:g} "
+              f"BLEU of its {bleu(one)}): {verdict2} ({'; '.join(parts)}).")
+    return f"{first}; {second}"
+
+
+def report_markdown(study: Study, settings: dict, meta: dict, cfg) -> str:
+    """results.md: setup (from ``cfg``, a test run's NLGConfig), the claim's answer, the paired differences, the
+    per-setting table (mean ± std over seeds), rate selection, paper rows, history."""
+    metrics = TABLE_COLUMNS.get(study.dataset, ["BLEU"])
+    order = sorted(study.settings, key=lambda s: -settings[s.name].get("trainable_params", 0))
+    rows = []
+    for s in order:
+        e = settings[s.name]
+        row = {"Setting": s.label, "Trainable params": f"{e['trainable_params']:,}" if "trainable_params" in e else "-",
+               "Adapter bytes": f"{e['adapter_bytes']:,}" if "adapter_bytes" in e else "-",
+               "LR": f"{e['learning_rate']:g}", "Seeds": len(e["seeds"])}
+        for m in metrics:
+            row[m] = format_mean_std(study, m, e.get("metrics", {}).get(m))
+        rows.append(row)
+    columns = ["Setting", "Trainable params", "Adapter bytes", "LR", "Seeds", *metrics]
+    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
+    selection_rows = []
+    for s in study.settings:
+        e = settings[s.name]
+        cells = ", ".join(f"{lr}: {metric_scale(study, study.selection_metric) * v:.2f}"
+                          for lr, v in e["validation"].items()) or "fixed rate (a one-rate grid: no selection)"
+        edge = " (still at the edge of the grid: widen it)" if e.get("at_grid_edge") else ""
+        selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
+                               "Chosen LR": f"{e['learning_rate']:g}{edge}"})
+    model = (cfg.model_name_or_path if cfg.model_config is None
+             else f"random-init {cfg.model_config.get('model_type', '?')}")
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps > 0 else f"{cfg.num_train_epochs:g} epoch(s)"
+    decoding = ("greedy decoding" if cfg.num_beams == 1 else
+                f"beam search ({cfg.num_beams} beams, length penalty {cfg.length_penalty:g})")
+    lines = [
+        "# Compression study: NOLA vs LoRA on E2E",
+        "",
+        f"Generated by `scripts/compression_study.py --study {meta['study_file']}` on {meta['generated']}.",
+        f"Model `{model}`, dataset {study.dataset}, target modules {', '.join(cfg.target_modules)}; every run: "
+        f"{steps} of batch {cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps} on "
+        f"{cfg.max_train_pairs or 'all'} training pairs ({cfg.lr_scheduler_type} schedule, {cfg.warmup_steps} warmup "
+        f"steps, label smoothing {cfg.label_smoothing:g}), {decoding}, no repeated {cfg.no_repeat_ngram_size}-grams, "
+        f"at most {cfg.max_new_tokens} new tokens, on the first {cfg.max_test_inputs or 'all'} test inputs. Seeds: "
+        f"{', '.join(map(str, study.seeds))} (config keys {', '.join(study.seed_keys)}). Mean ± sample std over "
+        f"seeds; BLEU, METEOR and ROUGE-L in percent.",
+        "",
+        meta.get("run_time", ""),
+        "",
+        "## Answer",
+        "",
+        meta.get("claim") or "Not all settings of the claim have test runs yet.",
+        "",
+        *([f"## Paired differences (BLEU points, compared − reference; {meta['paired_note']})", "",
+           meta["paired"], ""] if meta.get("paired") else []),
+        "## Test split",
+        "",
+        markdown_table(rows, columns, headers).rstrip(),
+        "",
+        "![BLEU against trainable parameters](bleu_vs_params.png)",
+        "",
+        f"## Learning rate, chosen on the validation split ({study.validation_file}, first "
+        f"{study.max_validation_inputs or 'all'} inputs, seeds {', '.join(map(str, study.selection_seeds))})",
+        "",
+        markdown_table(selection_rows, list(selection_rows[0])).rstrip() if selection_rows else "No rates chosen.",
+        "",
+    ]
+    ref = study.paper_reference
+    if ref:
+        paper_rows = [{"Row": p["label"], "Trainable params": f"{int(p['trainable_params']):,}",
+                       "BLEU": f"{float(p['BLEU']):.1f}"} for p in ref.get("points", [])]
+        lines += ["## Paper reference (drawn in the plot, not comparable in absolute BLEU)", "",
+                  f"Source: {ref.get('source', '?')}. GPT-2 L, full E2E training, beam search.", "",
+                  markdown_table(paper_rows, ["Row", "Trainable params", "BLEU"]).rstrip(), ""]
+    if meta.get("history"):
+        lines += [meta["history"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, settings: dict, path: Path) -> None:
+    """BLEU against trainable parameters (log x), mean with sample-std error bars; the paper's points in a panel
+    beside (same x axis, their own y axis: another model, decoding and training length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = metric_scale(study, "BLEU")
+    points = (study.paper_reference or {}).get("points", [])
+    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(11 if points else 6.5, 4.6), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    styles = {"lora": ("s", "tab:blue", "LoRA"), "nola": ("o", "tab:red", "NOLA")}
+    for method, (marker, color, name) in styles.items():
+        for per_layer in (False, True):
+            pts = sorted((e["trainable_params"], scale * e["metrics"]["BLEU"]["mean"],
+                          scale * (e["metrics"]["BLEU"]["std"] or 0.0), e["label"])
+                         for e in settings.values() if e.get("method") == method and "metrics" in e
+                         and str(e.get("basis_mode") or "").startswith("per_layer") == per_layer)
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                        color=color, linestyle="none" if per_layer else "-", capsize=3,
+                        markerfacecolor="white" if per_layer else color,
+                        label=f"{name}{' (per-layer basis)' if per_layer else ''}")
+            for x, y, _, label in pts:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set_title(f"this study: {study.common.get('model_name_or_path') or 'random-init model'} "
+                 f"(mean ± std, {len(study.seeds)} seeds)", fontsize=9)
+    if points:
+        paper = axes[0][1]
+        for p in points:
+            marker, color, _ = styles.get(p.get("method"), ("^", "gray", ""))
+            paper.scatter([p["trainable_params"]], [p["BLEU"]], marker=marker, color=color, s=50, label=p["label"])
+            paper.annotate(p["label"], (p["trainable_params"], p["BLEU"]), textcoords="offset points",
+                           xytext=(5, -10), fontsize=7)
+        # The same BLEU span as the left panel, so gaps read alike on both; the source is named in results.md.
+        low, high = ax.get_ylim()
+        span = max(high - low, 2.0)  # at least 2 BLEU points, so near-equal scores do not fill the panel
+        ax.set_ylim((low + high - span) / 2, (low + high + span) / 2)
+        middle = statistics.fmean(float(p["BLEU"]) for p in points)
+        paper.set_ylim(middle - span / 2, middle + span / 2)
+        paper.set_title("for reference: the paper's points (same y span; source in results.md)", fontsize=9)
+    for a in axes[0]:
+        a.set_xscale("log")
+        a.set_xlabel("trainable parameters (log scale)")
+        a.set_ylabel("BLEU (test)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 
 
 def bleu_statistics_of_run(record_dir: Path, relative_dir: str, results: dict,
@@ -76,10 +305,6 @@ def paired_comparisons(claim: dict, labels: dict[str, str], params: dict[str, in
     return out
 
 
-def _signed(x: float) -> str:
-    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns a rounded -0.0 into 0.0
-
-
 def _interval(interval: Sequence[float] | None) -> str:
     return "-" if interval is None else f"[{_signed(interval[0])}, {_signed(interval[1])}]"
 
@@ -99,7 +324,7 @@ def paired_answer(comparisons: Sequence[dict], margin: float) -> str | None:
             f"bootstrap over test inputs: " + "; ".join(parts) + ".")
 
 
-def paired_markdown(comparisons: Sequence[dict], markdown_table) -> str:
+def paired_markdown(comparisons: Sequence[dict]) -> str:
     rows = [{"Compared": c["compared_label"], "Reference": c["reference_label"],
              "Per-seed differences": ", ".join(_signed(d) for d in c["differences"]),
              "Mean": _signed(c["mean"]), "95% CI, paired t (seeds)": _interval(c["t_interval"]),
@@ -108,7 +333,7 @@ def paired_markdown(comparisons: Sequence[dict], markdown_table) -> str:
     return markdown_table(rows, list(rows[0])).rstrip() if rows else "No paired test runs yet."
 
 
-def history_markdown(history: dict, path: Path, markdown_table) -> str:
+def history_markdown(history: dict, path: Path) -> str:
     """An earlier round's per-setting test table (from its study.json at ``path``), with a link to its report."""
     earlier = json.loads(path.read_text())
     rows = []

@@ -31,6 +31,7 @@ def load_script():
 
 
 study_script = load_script()
+study_report = sys.modules["study_report"]  # imported by the script from beside it
 
 
 def word_tokenizer(tmp_path) -> tuple[str, int]:
@@ -194,7 +195,7 @@ def test_study_end_to_end_selects_on_validation_records_resumes_and_reports_cons
     # Paired: the per-seed differences, their t interval by hand (two seeds: t(0.975, 1) = 12.706205), and corpus
     # BLEU recomputed from the recorded predictions equal to each run's reported BLEU (the bootstrap resamples what
     # was scored).
-    stats = load_script_module("study_stats")
+    stats = sys.modules["study_stats"]
     for name in GRIDS:
         for seed, result in zip(SEEDS, per_seed[name]):
             predictions = read_jsonl(record / "runs" / name / f"test_seed{seed}" / "predictions.jsonl")
@@ -322,13 +323,13 @@ def test_claim_sentence_numbers_and_verdicts():
         "k96": entry("NOLA k=l=96", "nola", 11520, [0.540, 0.542]),
         "k48": entry("NOLA k=l=48", "nola", 5760, [0.522, 0.524]),
     }
-    sentence = study_script.answer_claim(study, settings)
+    sentence = study_report.answer_claim(study, settings)
     assert "NOLA at 1/20 of LoRA r=4's parameters: yes, it is within 1 BLEU" in sentence
     assert "54.10 ± 0.14 BLEU vs LoRA r=4, 230,400, 54.60 ± 0.14; difference -0.50" in sentence
     assert "yes for NOLA k=l=400, NOLA k=l=96, not for NOLA k=l=48" in sentence
     assert "NOLA k=l=48 (5,760) 52.30 ± 0.14 (-1.50)" in sentence
     settings["k96"] = entry("NOLA k=l=96", "nola", 11520, [0.530, 0.532])
-    assert "parameters: no, it is not within 1 BLEU" in study_script.answer_claim(study, settings)
+    assert "parameters: no, it is not within 1 BLEU" in study_report.answer_claim(study, settings)
 
 
 def test_rate_at_the_edge_of_its_grid_is_flagged(tmp_path):
@@ -564,7 +565,6 @@ def test_report_only_on_made_up_runs(tmp_path):
     assert "| LoRA r=4 | 230,400 | 0.01 | 3 | 57.24 ± 1.92 |" in report
     assert (tmp_path / "record" / "bleu_vs_params.png").read_bytes()[:4] == b"\x89PNG"
 
-    study_report = load_script_module("study_report")
     fig = study_report.plot_paired(summary["settings"], summary["paired"], 1.0, "made-up", tmp_path / "p.png")
     assert study_report.text_overlaps(fig) == []
     fig.text(0.5, 0.5, "AAAA")  # the check can fail: two texts on one spot
