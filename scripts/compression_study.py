@@ -559,7 +559,7 @@ def dry_run(study: Study, jobs: int) -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the shared references at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
