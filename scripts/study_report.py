@@ -248,6 +248,10 @@ def plot(study: Study, settings: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Paired claim (a study with claim.compared and a record_dir)
+# --------------------------------------------------------------------------------------------------------------------
+
 
 def bleu_statistics_of_run(record_dir: Path, relative_dir: str, results: dict,
                            references: list[dict]) -> Any:
@@ -256,12 +260,12 @@ def bleu_statistics_of_run(record_dir: Path, relative_dir: str, results: dict,
     predictions = read_jsonl(record_dir / relative_dir / "predictions.jsonl")
     if [p["source"] for p in predictions] != [r["source"] for r in references]:
         raise RecipeError(f"{relative_dir}: its predictions are not for the study's test inputs in the study's order "
-                         f"({record_dir / 'test_references.jsonl'}); the comparison would not be paired")
+                          f"({record_dir / 'test_references.jsonl'}); the comparison would not be paired")
     stats = study_stats.bleu_statistics([r["references"] for r in references], [p["prediction"] for p in predictions])
     bleu = float(study_stats.bleu_from_statistics(stats.sum(axis=0)))
     if abs(bleu - results["metrics"]["BLEU"]) > 1e-9:
         raise RecipeError(f"{relative_dir}: BLEU recomputed from predictions.jsonl is {bleu!r}, the run reported "
-                         f"{results['metrics']['BLEU']!r}; the record is inconsistent (rerun the run)")
+                          f"{results['metrics']['BLEU']!r}; the record is inconsistent (rerun the run)")
     return stats
 
 
@@ -318,7 +322,7 @@ def paired_answer(comparisons: Sequence[dict], margin: float) -> str | None:
     parts = [f"{c['compared_label']} ({c['compared_params']:,} parameters) − {c['reference_label']} "
              f"({c['reference_params']:,}): {_signed(c['mean'])} BLEU (t {_interval(c['t_interval'])}, bootstrap "
              f"{_interval(c['bootstrap_interval'])}), {c['verdict']}" for c in comparisons]
-    return (f"Is NOLA within ±{margin:g} BLEU of LoRA? Paired differences over {len(seeds)} seed(s) "
+    return (f"NOLA within ±{margin:g} BLEU of LoRA, by paired BLEU differences over {len(seeds)} seed(s) "
             f"({', '.join(map(str, seeds))}; per seed every setting saw the same training order and the same "
             f"{comparisons[0]['test_inputs']} test inputs), with 95% intervals by paired t over seeds and by a paired "
             f"bootstrap over test inputs: " + "; ".join(parts) + ".")
