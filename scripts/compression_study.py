@@ -1,9 +1,15 @@
-"""Compression study (issue 19): NOLA at a fraction of LoRA's parameters on E2E, with learning rates chosen on the
-validation split, several seeds, and a report that answers the paper's claim from the data.
+"""Compression study (issues 19, 26): NOLA at a fraction of LoRA's parameters on E2E, with learning rates chosen on
+the validation split, several seeds, and a report that answers the paper's claim from the data; with a paired
+``claim`` (configs/studies/paired_study.yaml), per-seed paired differences with 95% intervals (``study_stats.py``).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python scripts/compression_study.py \
-        --study configs/studies/compression_study.yaml [--jobs 2] [--output_dir DIR] [--seeds 110,111] [--dry_run] \
-        [--report_only]
+        --study configs/studies/paired_study.yaml [--jobs 2] [--output_dir DIR] [--record_dir DIR] \
+        [--seeds 110,111] [--dry_run] [--report_only]
+
+The pairing needs nothing from this script: per seed, every setting gets the same config apart from the adapter
+(same training pairs and test inputs), and transformers' Trainer draws the training order from the seed alone
+(accelerate's seedable sampler, seeded with ``torch.initial_seed()`` after the Trainer's ``set_seed(seed)``), not
+from whatever a method's initialisation drew from the global RNG (tests/test_compression_study.py records it).
 
 Every run is one call of the NLG recipe (``recipes.nlg.main``), in this process or, with ``--jobs N``, in one of N
 worker processes (its output then goes to ``log.txt`` in its folder), with a ``run_config.yaml`` written into its own
@@ -16,11 +22,22 @@ folder (``python -m recipes.nlg --config that/run_config.yaml`` repeats it alone
    split plays no part.
 2. test: per setting and seed, train at the chosen rate and decode the test split.
 
+A setting whose ``lr_grid`` holds one rate trains at that rate: it has no selection runs.
+
 Resumable: a run whose ``results.json`` exists, parses and was written for exactly the config the study asks for now
 (output folder aside) is kept; any other run folder (a run killed midway, a half-written or deleted results.json, a
-config changed since) is emptied and run again. Writes into ``output_dir``: ``runs/<setting>/{select_lr*,test}_seed*``,
-``study.json`` (selection, per-run metrics and the per-setting mean and sample std), ``results.md`` and
-``bleu_vs_params.png``.
+config changed since) is emptied and run again. Writes into ``output_dir``: ``runs/<setting>/{select_lr*,test}_seed*``
+(each run's adapter, log and full outputs). With ``record_dir`` (a folder meant to be committed), each finished run's
+``results.json`` is also copied to ``record_dir/runs/...``, with a test run's predictions (``predictions.jsonl``:
+source and prediction per input) and, once for the study, the test inputs' references (``test_references.jsonl``);
+a run recorded there counts as finished, so a fresh clone continues where the committed record stops, and the
+report is built from the record alone. The report goes to ``record_dir`` (else ``output_dir``): ``study.json``
+(selection, per-run metrics, the per-setting mean and sample std, and with a paired ``claim`` the paired
+differences and their intervals, see ``study_stats.py``), ``results.md`` and ``bleu_vs_params.png``.
+
+``--dry_run`` lists the runs still to do and estimates their time: per run, training steps times seconds a step
+plus decoded inputs times seconds an input plus a fixed overhead, measured on the finished runs of the record when
+there are some, else the study's ``time_model``; the runs of a phase go to ``--jobs`` workers in order.
 """
 
 from __future__ import annotations
@@ -41,16 +58,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parent) not in sys.path:  # study_stats, study_report beside this file
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 from recipes.cli import RecipeError, run_cli  # noqa: E402
 from recipes.config import _unknown_key_error, config_to_dict, load_config  # noqa: E402
 from recipes.nlg import NLGConfig, validate  # noqa: E402
-from recipes.nlg_report import PERCENT_METRICS, TABLE_COLUMNS  # noqa: E402
+from recipes.nlg_report import TABLE_COLUMNS  # noqa: E402
 from recipes.paths import resolve_path  # noqa: E402
-from recipes.results import markdown_table  # noqa: E402
 
-STUDY_KEYS = {"output_dir", "seeds", "selection_seeds", "seed_keys", "validation_file", "max_validation_inputs",
-              "widen_grid", "selection_metric", "common", "settings", "claim", "paper_reference"}
+import study_report  # noqa: E402
+
+STUDY_KEYS = {"output_dir", "record_dir", "seeds", "selection_seeds", "seed_keys", "validation_file",
+              "max_validation_inputs", "widen_grid", "selection_metric", "common", "settings", "claim",
+              "paper_reference", "time_model", "history"}
+# What --dry_run assumes a run costs until finished runs give measured figures (seconds; see the study YAML).
+TIME_MODEL_KEYS = {"train_step_s", "decode_input_s", "overhead_s"}
 SETTING_KEYS = {"name", "label", "config", "lr_grid"}
 # The study decides these per run; a setting or `common` that sets them would be silently overridden.
 RUN_KEYS = {"learning_rate", "output_dir", "test_file", "resume_from_checkpoint"}
@@ -80,6 +103,9 @@ class Study:
     claim: dict | None = None
     paper_reference: dict | None = None
     widen_grid: int = 2  # rates added past a grid's edge while its best rate is there
+    record_dir: Path | None = None  # finished runs' results (and test predictions) copied here, to be committed
+    time_model: dict | None = None  # --dry_run's seconds per training step / decoded input / run, until measured
+    history: dict | None = None  # an earlier round's study.json, shown in the report as history
     source: str = ""
     dataset: str = "e2e"
     _configs: dict = field(default_factory=dict, repr=False)
@@ -89,8 +115,10 @@ def _fail(where: str, message: str) -> RecipeError:
     return RecipeError(f"{where}: {message}")
 
 
-def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Sequence[int] | None = None) -> Study:
-    """Read and check a study YAML; ``output_dir`` / ``seeds`` override the file's. RecipeError names what is wrong."""
+def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Sequence[int] | None = None,
+               record_dir: str | None = None) -> Study:
+    """Read and check a study YAML; ``output_dir`` / ``seeds`` / ``record_dir`` override the file's. RecipeError names
+    what is wrong."""
     import yaml
 
     path = resolve_path(path)
@@ -136,6 +164,10 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
         settings=settings,
         claim=raw.get("claim"),
         paper_reference=raw.get("paper_reference"),
+        record_dir=(resolve_path(record_dir or raw["record_dir"]).absolute()
+                    if record_dir or raw.get("record_dir") else None),
+        time_model=raw.get("time_model"),
+        history=raw.get("history"),
         source=where,
     )
     study.dataset = str(study.common.get("dataset", "e2e"))
@@ -148,10 +180,22 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None, seeds: Se
     if study.selection_metric not in metrics:
         raise _fail(where, f"selection_metric '{study.selection_metric}' is not a {study.dataset} metric; "
                            f"choose one of {', '.join(metrics)}")
-    if study.claim:
+    if study.claim and "compared" in study.claim:  # the paired claim: each compared setting against each reference
+        named = [*study.claim.get("references", []), *study.claim.get("compared", [])]
+        unknown_names = [n for n in named if n not in names]
+        if unknown_names or not study.claim.get("references") or not study.claim.get("compared"):
+            raise _fail(where, f"claim: 'references' and 'compared' must be non-empty lists of settings "
+                               f"({', '.join(names)}); unknown: {unknown_names}")
+        if study.record_dir is None:
+            raise _fail(where, "a paired claim (claim.compared) is computed from the runs' recorded predictions: "
+                               "set record_dir (e.g. docs/compression_study/<study name>)")
+    elif study.claim:
         missing = [k for k in ("reference", "compressed", "rank_one") if study.claim.get(k) not in names]
         if missing:
             raise _fail(where, f"claim: {missing} must name settings ({', '.join(names)})")
+    if study.time_model is not None and set(study.time_model) != TIME_MODEL_KEYS:
+        raise _fail(where, f"time_model needs exactly the keys {sorted(TIME_MODEL_KEYS)}, "
+                           f"got {sorted(study.time_model)}")
     # Build every run's config now: a typo in any key fails here, not after hours of earlier runs.
     for run in planned_runs(study, chosen_lr={s.name: s.lr_grid[0] for s in settings}):
         run_config(study, run)
@@ -177,8 +221,9 @@ class Run:
 
 
 def selection_runs(study: Study) -> list[Run]:
+    """Every (rate, selection seed) of every grid with more than one rate (a one-rate grid is a fixed rate)."""
     return [Run(s.name, "select", seed, lr)
-            for s in study.settings for lr in s.lr_grid for seed in study.selection_seeds]
+            for s in study.settings if len(s.lr_grid) > 1 for lr in s.lr_grid for seed in study.selection_seeds]
 
 
 def test_runs(study: Study, chosen_lr: dict[str, float]) -> list[Run]:
@@ -225,9 +270,7 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "output_dir"}
 
 
-def finished_results(study: Study, run: Run) -> dict | None:
-    """The run's results.json if it is complete and was made by the config the study asks for now, else None."""
-    path = study.output_dir / run.relative_dir / "results.json"
+def _matching_results(study: Study, run: Run, path: Path) -> dict | None:
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -237,6 +280,46 @@ def finished_results(study: Study, run: Run) -> dict | None:
     if _comparable(results.get("config", {})) != _comparable(config_to_dict(run_config(study, run))):
         return None
     return results
+
+
+def finished_results(study: Study, run: Run) -> dict | None:
+    """The run's results if it is complete and was made by the config the study asks for now, else None: from the
+    record when the study keeps one (a run finished in output_dir but not yet recorded is recorded now), else from
+    output_dir."""
+    if study.record_dir is None:
+        return _matching_results(study, run, study.output_dir / run.relative_dir / "results.json")
+    recorded = _matching_results(study, run, study.record_dir / run.relative_dir / "results.json")
+    if recorded is not None and (run.phase != "test" or (study.record_dir / run.relative_dir / "predictions.jsonl")
+                                 .is_file()):
+        return recorded
+    results = _matching_results(study, run, study.output_dir / run.relative_dir / "results.json")
+    if results is not None:
+        record_run(study, run, results)
+    return results
+
+
+def record_run(study: Study, run: Run, results: dict) -> None:
+    """Copy a finished run into the record: its results.json and, for a test run, its predictions (source and
+    prediction per input) and the study's test references (written by the first test run recorded, checked by every
+    later one: the runs of a paired study must decode the same inputs with the same references)."""
+    out = study.output_dir / run.relative_dir
+    folder = study.record_dir / run.relative_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    if run.phase == "test":
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        references = "".join(json.dumps({"source": r["source"], "references": r["references"]}, ensure_ascii=False)
+                             + "\n" for r in records)
+        shared = study.record_dir / "test_references.jsonl"
+        if shared.is_file() and shared.read_text(encoding="utf-8") != references:
+            raise RecipeError(f"{run.relative_dir} decoded other test inputs or references than {shared} holds: the "
+                              "runs of a study must share their test inputs (was the test file or max_test_inputs "
+                              "changed? then record the study anew in an empty record_dir)")
+        if not shared.is_file():
+            _write_atomic(shared, references)
+        _write_atomic(folder / "predictions.jsonl", "".join(
+            json.dumps({"source": r["source"], "prediction": r["prediction"]}, ensure_ascii=False) + "\n"
+            for r in records))
+    _write_atomic(folder / "results.json", json.dumps(results, indent=2) + "\n")  # last: it marks the run finished
 
 
 def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> dict:
@@ -251,8 +334,9 @@ def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> 
     import yaml
 
     out = study.output_dir / run.relative_dir
-    if out.exists():
-        shutil.rmtree(out)  # whatever a killed or outdated run left (partial adapter, predictions, stale results)
+    for folder in (out, study.record_dir / run.relative_dir if study.record_dir else None):
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder)  # whatever a killed or outdated run left (partial adapter, predictions, results)
     out.mkdir(parents=True)
     config_path = out / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(run_values(study, run), sort_keys=False))
@@ -261,6 +345,8 @@ def execute(study: Study, run: Run, log: list[dict], log_file: bool = False) -> 
     started = time.time()
     with _output_to(out / "log.txt" if log_file else None):
         results = nlg.main(["--config", str(config_path)])
+    if study.record_dir is not None:
+        record_run(study, run, results)
     log.append({"run": run.relative_dir, "action": "ran", "seconds": round(time.time() - started, 1)})
     return results
 
@@ -325,7 +411,8 @@ def execute_all(study: Study, runs: list[Run], log: list[dict], jobs: int) -> di
                 run = futures[future]
                 results[run], worker_log = future.result()
                 log.extend(worker_log)
-                score = _scale(study, study.selection_metric) * results[run]["metrics"][study.selection_metric]
+                score = (study_report.metric_scale(study, study.selection_metric)
+                         * results[run]["metrics"][study.selection_metric])
                 print(f"[study] {run.relative_dir}: done in {worker_log[-1]['seconds']:.0f} s, "
                       f"{study.selection_metric} {score:.2f}", flush=True)
         except BaseException:
@@ -338,6 +425,9 @@ def choose_learning_rates(study: Study, selection: dict[Run, dict]) -> dict[str,
     """Per setting: the mean validation metric of each grid rate and the chosen rate (best mean, first on a tie)."""
     chosen = {}
     for s in study.settings:
+        if len(s.lr_grid) == 1:  # a fixed rate: nothing to choose
+            chosen[s.name] = {"validation": {}, "learning_rate": s.lr_grid[0], "at_grid_edge": False}
+            continue
         scores = {}
         for lr in s.lr_grid:
             values = [selection[Run(s.name, "select", seed, lr)]["metrics"][study.selection_metric]
@@ -380,224 +470,92 @@ def select_learning_rates(study: Study, get) -> tuple[dict[Run, dict | None], di
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Aggregation and report
+# Time estimate (--dry_run)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); the std is None for a single value."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+def time_figures(study: Study, finished: Sequence[dict]) -> dict | None:
+    """Seconds a training step, a decoded input and a run's overhead (loading, scoring): measured on ``finished``
+    runs' results when there are some, else the study's ``time_model``; None when neither is there."""
+    done = [r for r in finished if r.get("train_steps") and r.get("test_inputs")]
+    if done:
+        return {"train_step_s": sum(r["train_time_s"] for r in done) / sum(r["train_steps"] for r in done),
+                "decode_input_s": sum(r["decode_time_s"] for r in done) / sum(r["test_inputs"] for r in done),
+                "overhead_s": statistics.fmean(r["wall_time_s"] - r["train_time_s"] - r["decode_time_s"] for r in done),
+                "source": f"measured on {len(done)} finished run(s)"}
+    if study.time_model:
+        return {**{k: float(v) for k, v in study.time_model.items()}, "source": f"time_model of {study.source}"}
+    return None
 
 
-def aggregate(study: Study, selection_info: dict, tests: dict[Run, dict]) -> dict:
-    """Per setting: chosen rate, trainable parameters, adapter bytes, and mean/std of every metric over seeds."""
-    settings = {}
-    for s in study.settings:
-        runs = [(run, r) for run, r in tests.items() if run.setting == s.name]
-        entry: dict[str, Any] = {"label": s.label, "method": s.config.get("method", study.common.get("method")),
-                                 "basis_mode": s.config.get("basis_mode", study.common.get("basis_mode")),
-                                 "learning_rate": selection_info[s.name]["learning_rate"],
-                                 "validation": selection_info[s.name]["validation"],
-                                 "at_grid_edge": selection_info[s.name]["at_grid_edge"],
-                                 "seeds": [run.seed for run, _ in runs],
-                                 "runs": [run.relative_dir for run, _ in runs]}
-        if runs:
-            params = {r["trainable_params"] for _, r in runs}
-            adapter = {r["adapter_bytes"] for _, r in runs}
-            if len(params) != 1:
-                raise RuntimeError(f"{s.name}: runs disagree on trainable parameters {sorted(params)}")
-            entry["trainable_params"] = params.pop()
-            entry["adapter_bytes"] = max(adapter)
-            names = sorted(set.intersection(*(set(r["metrics"]) for _, r in runs)))
-            entry["metrics"] = {}
-            for name in names:
-                mean, std = mean_std([r["metrics"][name] for _, r in runs])
-                entry["metrics"][name] = {"mean": mean, "std": std, "values": [r["metrics"][name] for _, r in runs]}
-            entry["wall_time_s"] = statistics.fmean(r["wall_time_s"] for _, r in runs)
-        settings[s.name] = entry
-    return settings
-
-
-def _scale(study: Study, metric: str) -> float:
-    return 100.0 if metric in PERCENT_METRICS.get(study.dataset, ()) else 1.0
-
-
-def format_mean_std(study: Study, metric: str, stats: dict | None) -> str:
-    """"53.21 ± 0.40" on the paper's scale (E2E BLEU, METEOR, ROUGE-L in percent); "-" when absent."""
-    if not stats:
-        return "-"
-    scale = _scale(study, metric)
-    digits = 2 if scale == 100.0 else 3
-    mean = f"{scale * stats['mean']:.{digits}f}"
-    return mean if stats["std"] is None else f"{mean} ± {scale * stats['std']:.{digits}f}"
-
-
-def _signed(x: float) -> str:
-    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns a rounded -0.0 into 0.0
-
-
-def answer_claim(study: Study, settings: dict) -> str | None:
-    """One sentence with numbers for each of the issue's two questions, or None when the data are not all there."""
-    claim = study.claim
-    if not claim:
+def run_estimate_s(study: Study, run: Run, figures: dict) -> float | None:
+    """A run's estimated seconds: steps x s/step + decoded inputs x s/input + overhead; None when the config does not
+    say its number of steps or inputs (epochs over all pairs, all inputs)."""
+    cfg = run_config(study, run)
+    steps = cfg.max_steps if cfg.max_steps > 0 else (
+        math.ceil(cfg.num_train_epochs * cfg.max_train_pairs / cfg.per_device_train_batch_size)
+        if cfg.max_train_pairs else None)
+    inputs = cfg.max_test_inputs
+    if steps is None or inputs is None:
         return None
-    ref, comp, one = (settings.get(claim[k]) for k in ("reference", "compressed", "rank_one"))
-    if not all(e and "metrics" in e for e in (ref, comp, one)):
-        return None
-    margin = float(claim.get("margin_bleu", 1.0))
-    scale = _scale(study, "BLEU")
-
-    def bleu(e: dict) -> str:
-        return format_mean_std(study, "BLEU", e["metrics"]["BLEU"])
-
-    def delta(a: dict, b: dict) -> float:
-        return scale * (a["metrics"]["BLEU"]["mean"] - b["metrics"]["BLEU"]["mean"])
-
-    d1 = delta(comp, ref)
-    ratio = ref["trainable_params"] / comp["trainable_params"]
-    verdict1 = "yes" if d1 >= -margin else "no"
-    first = (f"NOLA at 1/{ratio:.0f} of {ref['label']}'s parameters: {verdict1}, it is "
-             f"{'within' if d1 >= -margin else 'not within'} {margin:g} BLEU ({comp['label']}, "
-             f"{comp['trainable_params']:,} parameters, {bleu(comp)} BLEU vs {ref['label']}, "
-             f"{ref['trainable_params']:,}, {bleu(ref)}; difference {_signed(d1)})")
-    below = sorted((e for e in settings.values() if e.get("method") == "nola" and "metrics" in e
-                    and e["trainable_params"] < one["trainable_params"]), key=lambda e: -e["trainable_params"])
-    if not below:
-        return first + f"; no NOLA setting has fewer parameters than {one['label']}."
-    parts = [f"{e['label']} ({e['trainable_params']:,}) {bleu(e)} ({_signed(delta(e, one))})"
-             for e in below]
-    matching = [e for e in below if delta(e, one) >= -margin]
-    if not matching:
-        verdict2 = "no"
-    elif len(matching) == len(below):
-        verdict2 = "yes"
-    else:
-        verdict2 = (f"yes for {', '.join(e['label'] for e in matching)}, not for "
-                    f"{', '.join(e['label'] for e in below if e not in matching)}")
-    second = (f"NOLA below {one['label']}'s {one['trainable_params']:,} parameters matching it (within {margin:g} "
-              f"BLEU of its {bleu(one)}): {verdict2} ({'; '.join(parts)}).")
-    return f"{first}; {second}"
+    return steps * figures["train_step_s"] + inputs * figures["decode_input_s"] + figures["overhead_s"]
 
 
-def report_markdown(study: Study, settings: dict, meta: dict) -> str:
-    """results.md: setup, the claim's answer, per-setting table (mean ± std over seeds), rate selection, paper rows."""
-    metrics = TABLE_COLUMNS.get(study.dataset, ["BLEU"])
-    order = sorted(study.settings, key=lambda s: -settings[s.name].get("trainable_params", 0))
-    rows = []
-    for s in order:
-        e = settings[s.name]
-        row = {"Setting": s.label, "Trainable params": f"{e['trainable_params']:,}" if "trainable_params" in e else "-",
-               "Adapter bytes": f"{e['adapter_bytes']:,}" if "adapter_bytes" in e else "-",
-               "LR": f"{e['learning_rate']:g}", "Seeds": len(e["seeds"])}
-        for m in metrics:
-            row[m] = format_mean_std(study, m, e.get("metrics", {}).get(m))
-        rows.append(row)
-    columns = ["Setting", "Trainable params", "Adapter bytes", "LR", "Seeds", *metrics]
-    headers = [c.replace("METEOR", "MET").replace("ROUGE_L", "ROUGE-L") for c in columns]
-    selection_rows = []
-    for s in study.settings:
-        e = settings[s.name]
-        cells = ", ".join(f"{lr}: {_scale(study, study.selection_metric) * v:.2f}" for lr, v in e["validation"].items())
-        edge = " (still at the edge of the grid: widen it)" if e.get("at_grid_edge") else ""
-        selection_rows.append({"Setting": s.label, "Validation " + study.selection_metric: cells,
-                               "Chosen LR": f"{e['learning_rate']:g}{edge}"})
-    c = study.common
-    model = c.get("model_name_or_path") or f"random-init {(c.get('model_config') or {}).get('model_type', '?')}"
-    lines = [
-        "# Compression study: NOLA vs LoRA on E2E",
-        "",
-        f"Generated by `scripts/compression_study.py --study {meta['study_file']}` on {meta['generated']}.",
-        f"Model `{model}`, dataset {study.dataset}, target modules "
-        f"{', '.join(c.get('target_modules', []))}; every run: {c.get('max_steps')} steps of batch "
-        f"{c.get('per_device_train_batch_size')} on {c.get('max_train_pairs')} training pairs, decoding with "
-        f"{c.get('num_beams')} beam(s), at most {c.get('max_new_tokens')} new tokens, on the first "
-        f"{c.get('max_test_inputs')} test inputs. Seeds: {', '.join(map(str, study.seeds))} (config keys "
-        f"{', '.join(study.seed_keys)}). Mean ± sample std over seeds; BLEU, METEOR and ROUGE-L in percent.",
-        "",
-        meta.get("run_time", ""),
-        "",
-        "## Answer",
-        "",
-        meta.get("claim") or "Not all settings of the claim have test runs yet.",
-        "",
-        "## Test split",
-        "",
-        markdown_table(rows, columns, headers).rstrip(),
-        "",
-        "![BLEU against trainable parameters](bleu_vs_params.png)",
-        "",
-        f"## Learning rate, chosen on the validation split ({study.validation_file}, first "
-        f"{study.max_validation_inputs or 'all'} inputs, seeds {', '.join(map(str, study.selection_seeds))})",
-        "",
-        markdown_table(selection_rows, list(selection_rows[0])).rstrip(),
-        "",
-    ]
-    ref = study.paper_reference
-    if ref:
-        paper_rows = [{"Row": p["label"], "Trainable params": f"{int(p['trainable_params']):,}",
-                       "BLEU": f"{float(p['BLEU']):.1f}"} for p in ref.get("points", [])]
-        lines += ["## Paper reference (drawn in the plot, not comparable in absolute BLEU)", "",
-                  f"Source: {ref.get('source', '?')}. GPT-2 L, full E2E training, beam search.", "",
-                  markdown_table(paper_rows, ["Row", "Trainable params", "BLEU"]).rstrip(), ""]
-    return "\n".join(lines) + "\n"
+def makespan(durations: Sequence[float], jobs: int) -> float:
+    """Wall time of runs handed in order to ``jobs`` workers, each taking the next run when it is free."""
+    free = [0.0] * max(1, jobs)
+    for seconds in durations:
+        free[free.index(min(free))] += seconds
+    return max(free)
 
 
-def plot(study: Study, settings: dict, path: Path) -> None:
-    """BLEU against trainable parameters (log x), mean with sample-std error bars; the paper's points in a panel
-    beside (same x axis, their own y axis: another model, decoding and training length)."""
-    import matplotlib
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    scale = _scale(study, "BLEU")
-    points = (study.paper_reference or {}).get("points", [])
-    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(11 if points else 6.5, 4.6), sharex=True, squeeze=False)
-    ax = axes[0][0]
-    styles = {"lora": ("s", "tab:blue", "LoRA"), "nola": ("o", "tab:red", "NOLA")}
-    for method, (marker, color, name) in styles.items():
-        for per_layer in (False, True):
-            pts = sorted((e["trainable_params"], scale * e["metrics"]["BLEU"]["mean"],
-                          scale * (e["metrics"]["BLEU"]["std"] or 0.0), e["label"])
-                         for e in settings.values() if e.get("method") == method and "metrics" in e
-                         and str(e.get("basis_mode") or "").startswith("per_layer") == per_layer)
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                        color=color, linestyle="none" if per_layer else "-", capsize=3,
-                        markerfacecolor="white" if per_layer else color,
-                        label=f"{name}{' (per-layer basis)' if per_layer else ''}")
-            for x, y, _, label in pts:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
-    ax.set_title(f"this study: {study.common.get('model_name_or_path') or 'random-init model'} "
-                 f"(mean ± std, {len(study.seeds)} seeds)", fontsize=9)
-    if points:
-        paper = axes[0][1]
-        for p in points:
-            marker, color, _ = styles.get(p.get("method"), ("^", "gray", ""))
-            paper.scatter([p["trainable_params"]], [p["BLEU"]], marker=marker, color=color, s=50, label=p["label"])
-            paper.annotate(p["label"], (p["trainable_params"], p["BLEU"]), textcoords="offset points",
-                           xytext=(5, -10), fontsize=7)
-        # The same BLEU span as the left panel, so gaps read alike on both; the source is named in results.md.
-        low, high = ax.get_ylim()
-        span = max(high - low, 2.0)  # at least 2 BLEU points, so near-equal scores do not fill the panel
-        ax.set_ylim((low + high - span) / 2, (low + high + span) / 2)
-        middle = statistics.fmean(float(p["BLEU"]) for p in points)
-        paper.set_ylim(middle - span / 2, middle + span / 2)
-        paper.set_title("for reference: the paper's points (same y span; source in results.md)", fontsize=9)
-    for a in axes[0]:
-        a.set_xscale("log")
-        a.set_xlabel("trainable parameters (log scale)")
-        a.set_ylabel("BLEU (test)")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def dry_run(study: Study, jobs: int) -> dict:
+    """Print the runs still to do with their estimated times, and the study's estimated wall time at one job and at
+    ``jobs`` (2 when 1 is asked: a 2-core machine's choice); runs nothing. Test runs whose rate the selection has not
+    chosen yet are counted at the grid's first rate (a run's time does not depend on its rate)."""
+    selection, info = select_learning_rates(study, lambda runs: {r: finished_results(study, r) for r in runs})
+    select_todo = [r for r, res in selection.items() if res is None]
+    chosen = {name: entry["learning_rate"] for name, entry in (info or {}).items()}
+    fixed = {s.name: s.lr_grid[0] for s in study.settings if len(s.lr_grid) == 1}
+    tests = test_runs(study, {s.name: chosen.get(s.name, fixed.get(s.name, s.lr_grid[0])) for s in study.settings})
+    test_todo = [r for r in tests if (r.setting not in chosen and r.setting not in fixed)
+                 or finished_results(study, r) is None]
+    done = [res for res in selection.values() if res is not None]
+    done += [res for r in tests if r not in test_todo and (res := finished_results(study, r)) is not None]
+    figures = time_figures(study, done)
+    print(f"selection: {len(select_todo)} of {len(selection)} run(s) to do"
+          + ("" if info else " (more if a best rate ends at the edge of its grid)")
+          + f"; test: {len(test_todo)} of {len(tests)} run(s) to do"
+          + ("" if info else " (at the rates the selection chooses)"))
+    estimates = {}
+    for r in [*select_todo, *test_todo]:
+        estimates[r] = run_estimate_s(study, r, figures) if figures else None
+        when = f"~{estimates[r] / 60:.0f} min" if estimates[r] is not None else "no estimate"
+        print(f"   {r.relative_dir}  {when}")
+    result: dict[str, Any] = {"todo": [r.relative_dir for r in [*select_todo, *test_todo]], "figures": figures}
+    if figures is None:
+        print("no time estimate: no finished runs yet and no time_model in the study")
+        return result
+    known = [r for r, e in estimates.items() if e is not None]
+    wall = {}
+    for n in sorted({1, jobs if jobs > 1 else 2}):
+        wall[n] = sum(makespan([estimates[r] for r in phase if estimates[r] is not None], n)
+                      for phase in (select_todo, test_todo))
+    result.update(estimate_s=sum(estimates[r] for r in known), wall_s=wall)
+    print(f"estimate ({figures['source']}: {figures['train_step_s']:.2f} s a training step, "
+          f"{figures['decode_input_s']:.2f} s a decoded input, {figures['overhead_s']:.0f} s a run besides; one "
+          f"thread a run): {_hours(result['estimate_s'])} of runs; wall time "
+          + ", ".join(f"{_hours(w)} with --jobs {n}" for n, w in wall.items())
+          + (f"; {len(estimates) - len(known)} run(s) without an estimate" if len(known) < len(estimates) else ""))
+    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write the shared references at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -612,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="configs/studies/compression_study.yaml", help="study YAML")
     parser.add_argument("--output_dir", help="override the study's output_dir")
+    parser.add_argument("--record_dir", help="override the study's record_dir (finished runs and the report)")
     parser.add_argument("--seeds", help="comma-separated seeds, overriding the study's (e.g. 110,111)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process (e.g. 2 on a 2-core machine with OMP_NUM_THREADS=1)")
@@ -620,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="write the report from the finished runs on disk; run nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    study = load_study(args.study, args.output_dir, seeds)
+    study = load_study(args.study, args.output_dir, seeds, args.record_dir)
     study.output_dir.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
 
@@ -628,19 +587,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {run: finished_results(study, run) for run in runs}
 
     if args.dry_run:
-        selection, selection_info = select_learning_rates(study, finished)
-        if selection_info is None:
-            todo = [r for r, res in selection.items() if res is None]
-            print(f"{len(todo)} of {len(selection)} selection runs to do (more if a best rate is at the edge of its "
-                  f"grid), then {len(study.settings)} x {len(study.seeds)} test runs at the chosen rates (finished "
-                  f"ones are kept)")
-        else:
-            tests = test_runs(study, {k: v["learning_rate"] for k, v in selection_info.items()})
-            todo = [r for r in tests if finished_results(study, r) is None]
-            print(f"selection finished; {len(todo)} of {len(tests)} test runs to do")
-        for r in todo:
-            print("  ", r.relative_dir)
-        return {"todo": [r.relative_dir for r in todo]}
+        return dry_run(study, args.jobs)
 
     if args.jobs < 1:
         raise RecipeError(f"--jobs must be at least 1, got {args.jobs}")
@@ -659,11 +606,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"[study] warning: {name}'s best validation {study.selection_metric} is still at the edge of its "
                   f"lr_grid ({info['learning_rate']:g}) after widening it {study.widen_grid} time(s)", flush=True)
     tests = {run: res for run, res in get(test_runs(study, chosen)).items() if res is not None}
-    settings = aggregate(study, selection_info, tests)
+    settings = study_report.aggregate(study, selection_info, tests)
 
     meta = {"study_file": os.path.relpath(study.source, Path.cwd()),
             "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    meta["claim"] = answer_claim(study, settings)
+    report_dir = study.record_dir or study.output_dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    comparisons = None
+    if study.claim and "compared" in study.claim:
+        comparisons = study_report.paired_comparisons(
+            study.claim, {s.name: s.label for s in study.settings},
+            {name: e["trainable_params"] for name, e in settings.items() if "trainable_params" in e}, study.seeds,
+            {(run.setting, run.seed): (run.relative_dir, r) for run, r in tests.items()}, study.record_dir)
+        meta["claim"] = study_report.paired_answer(comparisons, float(study.claim.get("margin_bleu", 1.0)))
+        meta["paired"] = study_report.paired_markdown(comparisons)
+        meta["paired_note"] = (f"bootstrap: {study.claim.get('bootstrap_resamples', 2000)} resamples of the test "
+                               f"inputs, seed {study.claim.get('bootstrap_seed', 0)}")
+    else:
+        meta["claim"] = study_report.answer_claim(study, settings)
+    if study.history:
+        meta["history"] = study_report.history_markdown(study.history, resolve_path(study.history["study_json"]))
     run_seconds = [r["wall_time_s"] for r in [*selection.values(), *tests.values()]]  # type: ignore[index]
     meta["run_time"] = (f"{len(selection)} selection and {len(tests)} test runs; their wall times sum to "
                         f"{sum(run_seconds) / 3600:.1f} h ({statistics.fmean(run_seconds) / 60:.1f} min a run; runs "
@@ -675,12 +637,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 "adapter_bytes": r["adapter_bytes"]} for run, r in tests.items()},
                "selection_runs": {run.relative_dir: r["metrics"] for run, r in selection.items()},  # type: ignore
                "paper_reference": study.paper_reference}
-    _write_atomic(study.output_dir / "study.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(study.output_dir / "results.md", report_markdown(study, settings, meta))
-    if any("metrics" in e for e in settings.values()):
-        plot(study, settings, study.output_dir / "bleu_vs_params.png")
+    if comparisons is not None:
+        summary["paired"] = comparisons
+    _write_atomic(report_dir / "study.json", json.dumps(summary, indent=2) + "\n")
+    cfg = run_config(study, test_runs(study, chosen)[0])  # what every test run shares (data, steps, decoding)
+    _write_atomic(report_dir / "results.md", study_report.report_markdown(study, settings, meta, cfg))
+    if comparisons is not None:
+        import matplotlib.pyplot as plt
+
+        title = (f"{cfg.model_name_or_path if cfg.model_config is None else 'random-init model'}, "
+                 f"{f'{cfg.max_steps} steps' if cfg.max_steps > 0 else f'{cfg.num_train_epochs:g} epoch(s)'}, "
+                 f"{cfg.max_test_inputs or 'all'} test inputs, {len(study.seeds)} seed(s)")
+        plt.close(study_report.plot_paired(settings, comparisons, float(study.claim.get("margin_bleu", 1.0)), title,
+                                           report_dir / "bleu_vs_params.png"))
+    elif any("metrics" in e for e in settings.values()):
+        study_report.plot(study, settings, report_dir / "bleu_vs_params.png")
     ran = [entry for entry in log if entry["action"] == "ran"]
-    print(f"[study] {len(ran)} run(s) done now, {len(log) - len(ran)} kept; report: {study.output_dir / 'results.md'}")
+    print(f"[study] {len(ran)} run(s) done now, {len(log) - len(ran)} kept; report: {report_dir / 'results.md'}")
     if meta["claim"]:
         print(meta["claim"])
     return dict(summary, log=log)
