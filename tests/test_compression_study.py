@@ -385,6 +385,7 @@ def test_settings_of_one_seed_train_on_the_same_batches(tmp_path, monkeypatch):
     from transformers import Trainer
 
     from recipes import nlg
+    from recipes.nlg_report import TABLE_COLUMNS
 
     tokenizer, vocab_size = word_tokenizer(tmp_path)
     batches: list[list] = []
@@ -397,7 +398,7 @@ def test_settings_of_one_seed_train_on_the_same_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "training_step", recording_step)
     # Scoring plays no part in the order of training batches; skipping it (and its Java scorers) saves seconds.
     monkeypatch.setattr(nlg, "score", lambda dataset, examples, hypotheses, tokenize_lower=None:
-                        {m: 0.0 for m in nlg.TABLE_COLUMNS["e2e"]})
+                        {m: 0.0 for m in TABLE_COLUMNS["e2e"]})
     apply_method = nlg.apply_method
 
     def train(seed, draw_first=0, **method):
