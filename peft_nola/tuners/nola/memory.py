@@ -35,13 +35,13 @@ def check_basis_memory(config: NolaConfig, targets: list[tuple[str, nn.Module]],
         )
     else:
         advice = (
-            f"Use basis_mode='shared' (one basis per layer shape: {_gib(basis_bytes(config, targets, 'shared'))} "
+            f"Use basis_mode='shared' (one basis per layer shape: {format_bytes(basis_bytes(config, targets, 'shared'))} "
             f"here) or 'per_layer' (regenerated on the fly, no basis memory), or lower num_basis_A / num_basis_B"
         )
     raise MemoryError(
-        f"NOLA basis_mode={config.basis_mode!r} would need {_gib(needed)} of basis, coefficients and factors for "
+        f"NOLA basis_mode={config.basis_mode!r} would need {format_bytes(needed)} of basis, coefficients and factors for "
         f"{len(targets)} adapted modules (k={config.num_basis_A}, l={config.num_basis_B}, r={config.r}), more than "
-        f"the {_gib(budget)} budget ({where}). {advice}; or raise the budget with the environment variable "
+        f"the {format_bytes(budget)} budget ({where}). {advice}; or raise the budget with the environment variable "
         f"{BUDGET_ENV}=<bytes>."
     )
 
@@ -83,6 +83,12 @@ def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:
     budget = bytes_from_env(BUDGET_ENV)
     if budget is not None:
         return budget, BUDGET_ENV
+    return available_memory(device)
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """``(bytes, what they are)`` free on ``device`` now: a CUDA device's free memory, the machine's available memory
+    for the CPU; ``None`` where that cannot be known (e.g. the meta device)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
     if device.type == "cpu":
@@ -96,6 +102,7 @@ def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:
     return None, ""
 
 
-def _gib(num_bytes: int) -> str:
+def format_bytes(num_bytes: int) -> str:
+    """``"1,234,567 bytes (1.2 MiB)"``."""
     size = f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
     return f"{num_bytes:,} bytes ({size})"
