@@ -40,9 +40,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -217,7 +217,8 @@ def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type:
                 raise ExportError(f"{weights} holds '{key}' of shape {tuple(entry.shape)}, but {where} has "
                                   f"{tuple(tensor.shape)} there: {another_base}.")
         paths.add(path)
-    tensors = {id(t): t for path in paths for m in [model.get_submodule(path)] for t in [*m.parameters(), *m.buffers()]}
+    modules = [model.get_submodule(path) for path in paths]
+    tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}  # nested: once
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     available, what = available_memory(torch.device("cpu"))
     if available is not None and needed > available:
@@ -429,33 +430,28 @@ def _check_out_dir(out_dir: Path, source: Optional[Path]) -> None:
                               f"or pass another out_dir")
 
 
-class _staged:
-    """``with _staged(out_dir) as staging:`` the files written into the fresh folder ``staging`` (inside
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """``with _staged(out_dir) as staging:`` the files written into the fresh folder ``staging`` (made inside
     ``out_dir``, so on its file system) are moved into ``out_dir`` with ``os.replace`` when the block succeeds, which
     replaces a link of the same name instead of writing through it. On failure nothing is moved, and an ``out_dir``
     this call created is removed."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-
-    def __enter__(self) -> Path:
-        self.created = not self.out_dir.exists()
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
-        except OSError as error:
-            raise ExportError(f"Cannot write into out_dir {str(self.out_dir)!r}: {error}") from None
-        return self.staging
-
-    def __exit__(self, kind, error, traceback) -> None:
-        try:
-            if kind is None:
-                for entry in sorted(self.staging.iterdir()):
-                    os.replace(entry, self.out_dir / entry.name)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            if kind is not None and self.created:
-                shutil.rmtree(self.out_dir, ignore_errors=True)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    except OSError as error:
+        raise ExportError(f"Cannot write into out_dir {str(out_dir)!r}: {error}") from None
+    try:
+        yield staging
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, out_dir / entry.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ command line

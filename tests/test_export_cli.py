@@ -180,3 +180,21 @@ def test_an_unusable_base_is_named_as_given(adapter, tmp_path, capsys, what):
     assert status == 2 and repr(str(base)) in err and "Traceback" not in err
     assert "base_model_name_or_path" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_fails_while_writing_leaves_out_dir_as_it_was(adapter, tmp_path, monkeypatch):
+    """Files are written into a staging folder and moved in only when all are written: a failure in between leaves an
+    existing out_dir's files as they were (and no staging folder), and removes an out_dir the export created."""
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_file", broken_save_file)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "adapter_config.json").write_text("the previous export\n")
+    for out in (existing, tmp_path / "new"):
+        with pytest.raises(OSError, match="disk full"):
+            export.export_lora(adapter, out, base_model=tmp_path / "base")
+    assert [p.name for p in existing.iterdir()] == ["adapter_config.json"]
+    assert (existing / "adapter_config.json").read_text() == "the previous export\n"
+    assert not (tmp_path / "new").exists()
