@@ -143,7 +143,8 @@ def test_a_modules_to_save_tensor_of_another_shape_than_the_base_is_refused_befo
                 num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path / "base70b")
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), NolaConfig(r=4, num_basis_A=20, num_basis_B=10, init_weights=False,
-                                                    target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+                                                    target_modules=["q_proj"],
+                                                    modules_to_save=["embed_tokens", "lm_head"]))
     model.save_pretrained(tmp_path / "with_heads")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", LIMITED, str(tmp_path / "with_heads"), str(tmp_path / "out"),
