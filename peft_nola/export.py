@@ -288,7 +288,13 @@ def load_for_export(
         else:
             prefix = "nola_" if isinstance(config, NolaConfig) else "nora_"
             model = _skeleton(base, adapter_dir, prefix, config.task_type)
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
+    except ValueError as error:
+        if base_model is None or isinstance(base_model, nn.Module):
+            raise
+        # The loader's message names the base the adapter records; the one that was tried is the --base given.
+        raise ExportError(f"{adapter_dir} does not fit the base given, {str(base_model)!r}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------- export

@@ -199,3 +199,13 @@ def test_an_export_that_fails_while_writing_leaves_out_dir_as_it_was(adapter, tm
     assert [p.name for p in existing.iterdir()] == ["adapter_config.json"]
     assert (existing / "adapter_config.json").read_text() == "the previous export\n"
     assert not (tmp_path / "new").exists()
+
+
+def test_an_adapter_of_another_base_names_the_base_given(adapter, tmp_path, capsys):
+    """The loader's refusal (another layout) is reported against the ``--base`` that was tried."""
+    tiny_llama(hidden_size=64).save_pretrained(tmp_path / "wider")
+    status = run_cli([adapter, tmp_path / "out", "--base", tmp_path / "wider"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"does not fit the base given, {str(tmp_path / 'wider')!r}" in err
+    assert "made for a different model" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
