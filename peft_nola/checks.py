@@ -153,6 +153,18 @@ def build_config(config_path: Path, raw: bytes, config_cls=None, class_kwargs: O
     peft_type = loaded.get("peft_type")
     if peft_type is None:
         raise AdapterFileError(f"{config_path} has no 'peft_type' (one of {sorted(ours)}); save the adapter again")
+    peft_methods = {getattr(t, "value", t) for t in PEFT_TYPE_TO_CONFIG_MAPPING}
+    if isinstance(peft_type, str) and peft_type in peft_methods - set(ours):
+        # A method of peft itself (most often a LoRA adapter picked by mistake): say what it is and what loads it.
+        hotswap = (" To replace a loaded LoRA adapter's weights in place, use peft's own "
+                   "peft.utils.hotswap.hotswap_adapter on a model holding a LoRA adapter."
+                   if peft_type == "LORA" else "")
+        raise AdapterFileError(
+            f"{config_path} describes a {peft_type} adapter (peft_type={peft_type!r}), which is not a peft-nola method "
+            f"({sorted(ours)}), so peft-nola cannot load or hotswap it. peft loads it as an adapter of its own: "
+            f"PeftModel.from_pretrained(base_model, {str(config_path.parent)!r}) on a model without NOLA/NoRA "
+            f"adapters (one PeftModel holds adapters of one method).{hotswap}"
+        )
     if not isinstance(peft_type, str) or peft_type not in ours:
         raise AdapterFileError(
             f"{config_path} says peft_type={peft_type!r}, which is not a peft-nola method ({sorted(ours)}): the config "

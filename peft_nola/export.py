@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -50,17 +53,20 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._peft_compat import AuxiliaryTrainingWrapper
+from .checks import check_adapter_dir
 from .constants import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
 from .errors import ExportError
 from .gguf_export import _llama_permute, write_gguf  # noqa: F401  (_llama_permute: imported from here by tests)
 from .lora_consumers import CONSUMER_RULES, LLAMA_MODEL_TYPES, consumer_verdicts
 from .tuners.lowrank import LowRankLayer, adapted_layers, modules_outside_wrappers, names_module
 from .tuners.nola import NolaConfig
+from .tuners.nola.memory import available_memory, format_bytes
 from .tuners.nora import NoraConfig
 
 FORMATS = ("peft", "gguf")
 REPORT_FILE = "export_report.json"
 GGUF_FILE = "adapter_model.gguf"
+STAGING_PREFIX = ".export-staging-"
 
 
 def _pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,24 +167,66 @@ def _model_class(config, task_type: Optional[str]):
     )
 
 
-def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type: Optional[str]) -> nn.Module:
-    """The base architecture on the meta device with only the modules the adapter file touches made real (zeros):
-    enough to rebuild the adapter's factors when they do not depend on the base weights."""
-    from safetensors import safe_open
+def _base_config(base: Union[str, Path]):
+    """The transformers config of the base ``base`` (a model directory or a ``.gguf`` file); an error names it."""
     from transformers import AutoConfig
 
     location, gguf_file = _base_location(base)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    config = AutoConfig.from_pretrained(location, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ExportError(
+            f"Cannot read the base model's config from {str(base)!r}: {error}. Pass base_model= (--base) a model "
+            f"directory holding config.json, or a .gguf file."
+        ) from None
+
+
+def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type: Optional[str]) -> nn.Module:
+    """The base architecture on the meta device with only the modules the adapter file touches made real (zeros):
+    enough to rebuild the adapter's factors when they do not depend on the base weights.
+
+    Nothing is allocated before the adapter's files pass :func:`~peft_nola.checks.check_adapter_dir`, every module the
+    file names exists in this base, every full tensor it holds (``modules_to_save``) has the base's shape there, and
+    the modules to make real fit in the memory available.
+    """
+    checked = check_adapter_dir(adapter_dir)
+    config = _base_config(base)
     with torch.device("meta"):
         cls = _model_class(config, task_type)
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
-    with safe_open(str(adapter_dir / WEIGHTS_NAME), framework="pt") as handle:
-        keys = list(handle.keys())
+    weights = adapter_dir / WEIGHTS_NAME
+    where = f"the base model {str(base)!r} ({type(model).__name__})"
+    another_base = "the adapter was made for another base model: pass base_model= (--base) the model it was trained on"
     paths = set()
-    for key in keys:
-        key = key.removeprefix(KEY_PREFIX)
-        paths.add(key.split(f".{prefix}")[0] if f".{prefix}" in key else key.rsplit(".", 1)[0])
+    for key, entry in checked.entries.items():
+        name = key.removeprefix(KEY_PREFIX)
+        own = f".{prefix}" in name
+        path = name.split(f".{prefix}")[0] if own else name.rsplit(".", 1)[0]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ExportError(f"{weights} holds '{key}' for the module '{path}', which {where} does not have: "
+                              f"{another_base}.") from None
+        if not own:  # a full tensor (modules_to_save): it replaces the base's, so it must have its shape
+            tensor = getattr(module, name.rsplit(".", 1)[1], None)
+            if not isinstance(tensor, torch.Tensor):
+                raise ExportError(f"{weights} holds '{key}', but the module '{path}' of {where} has no tensor "
+                                  f"'{name.rsplit('.', 1)[1]}': {another_base}.")
+            if tuple(tensor.shape) != tuple(entry.shape):
+                raise ExportError(f"{weights} holds '{key}' of shape {tuple(entry.shape)}, but {where} has "
+                                  f"{tuple(tensor.shape)} there: {another_base}.")
+        paths.add(path)
+    modules = [model.get_submodule(path) for path in paths]
+    tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}  # nested: once
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    available, what = available_memory(torch.device("cpu"))
+    if available is not None and needed > available:
+        raise ExportError(
+            f"Exporting {adapter_dir} against {where} would allocate {format_bytes(needed)} for the {len(paths)} "
+            f"modules the adapter touches, more than the {format_bytes(available)} of {what}: {another_base}, or "
+            f"export on a machine with more memory."
+        )
     for path in sorted(paths):
         module = model.get_submodule(path)
         module.to_empty(device="cpu", recurse=True)
@@ -189,11 +237,9 @@ def _skeleton(base: Union[str, Path], adapter_dir: Path, prefix: str, task_type:
 
 
 def _load_base(base: Union[str, Path], task_type: Optional[str]) -> nn.Module:
-    from transformers import AutoConfig
-
     location, gguf_file = _base_location(base)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    cls = _model_class(AutoConfig.from_pretrained(location, **kwargs), task_type)
+    cls = _model_class(_base_config(base), task_type)
     return cls.from_pretrained(location, dtype=torch.float32, **kwargs).eval()
 
 
@@ -221,23 +267,34 @@ def load_for_export(
         model = base_model
     else:
         base = base_model or config.base_model_name_or_path
-        location = Path(_base_location(base)[0]) if base else None
-        if location is None or not location.is_dir():
+        if not base or not (Path(base).is_dir() or (Path(base).suffix == ".gguf" and Path(base).is_file())):
             what = (
                 "the base weights it was trained on (NoRA recomputes its outer factors from them)"
                 if needs_weights
                 else "the base model's config (architecture and layer shapes; no weights)"
             )
+            given = (
+                f"the base given, {str(base_model)!r}, is not a model directory or a .gguf file"
+                if base_model
+                else f"no base was given and the adapter's base_model_name_or_path={config.base_model_name_or_path!r} "
+                f"is not a local directory"
+            )
             raise ExportError(
-                f"Exporting {adapter_dir} needs {what}, but base_model_name_or_path={config.base_model_name_or_path!r} "
-                f"is not a local directory: pass base_model= (--base) a model directory or .gguf file."
+                f"Exporting {adapter_dir} needs {what}, but {given}: pass base_model= (--base) a model directory or "
+                f".gguf file."
             )
         if needs_weights:
             model = _load_base(base, config.task_type)
         else:
             prefix = "nola_" if isinstance(config, NolaConfig) else "nora_"
             model = _skeleton(base, adapter_dir, prefix, config.task_type)
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, config=config)
+    except ValueError as error:
+        if base_model is None or isinstance(base_model, nn.Module):
+            raise
+        # The loader's message names the base the adapter records; the one that was tried is the --base given.
+        raise ExportError(f"{adapter_dir} does not fit the base given, {str(base_model)!r}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------------------- export
@@ -288,9 +345,10 @@ def export_lora(
         ExportError: for an adapter that cannot be exported exactly, before anything is written.
     """
     start = time.perf_counter()
-    source = None
-    if isinstance(model_or_adapter_dir, (str, Path)):
-        source = Path(model_or_adapter_dir)
+    source = Path(model_or_adapter_dir) if isinstance(model_or_adapter_dir, (str, Path)) else None
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, source)
+    if source is not None:
         model = load_for_export(source, adapter_name, base_model)
     else:
         model = model_or_adapter_dir
@@ -302,8 +360,6 @@ def export_lora(
     rank = max(lora_A.shape[0] for lora_A, _ in factors.values())
     factors = {key: _pad_rank(*pair, rank) for key, pair in factors.items()}
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     base_config = model.get_base_model().config if hasattr(model.get_base_model(), "config") else None
     model_type = getattr(base_config, "model_type", None)
     extra = _modules_to_save_tensors(model, adapter_name)
@@ -321,20 +377,35 @@ def export_lora(
         inference_mode=True,
     )
     kinds = sorted({type(layer.get_base_layer()).__name__ for layer in layers})
-    if format == "peft":
-        tensors = {}
-        for key, (lora_A, lora_B) in factors.items():
-            tensors[f"{KEY_PREFIX}{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
-            tensors[f"{KEY_PREFIX}{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
-        tensors.update(extra)
-        lora_config.save_pretrained(str(out_dir))
-        save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-        files = [CONFIG_NAME, WEIGHTS_NAME]
-        verdicts = consumer_verdicts(lora_config.to_dict(), list(tensors), kinds, model_type)
-    else:
-        write_gguf(out_dir / GGUF_FILE, factors, base_config, alpha=float(rank))
-        files = [GGUF_FILE]
-        verdicts = {"llama.cpp": {"accepts": True, "reasons": []}}
+    with _staged(out_dir) as staging:  # written apart, then moved in: links planted in out_dir are replaced
+        if format == "peft":
+            tensors = {}
+            for key, (lora_A, lora_B) in factors.items():
+                tensors[f"{KEY_PREFIX}{key}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+                tensors[f"{KEY_PREFIX}{key}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+            tensors.update(extra)
+            lora_config.save_pretrained(str(staging))
+            save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            files = [CONFIG_NAME, WEIGHTS_NAME]
+            verdicts = consumer_verdicts(lora_config.to_dict(), list(tensors), kinds, model_type)
+        else:
+            write_gguf(staging / GGUF_FILE, factors, base_config, alpha=float(rank))
+            files = [GGUF_FILE]
+            verdicts = {"llama.cpp": {"accepts": True, "reasons": []}}
+        report = {
+            "source": str(source) if source else "in-memory model",
+            "method": str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type),
+            "adapter_name": adapter_name,
+            "format": format,
+            "rank": rank,
+            "layers": len(layers),
+            "layer_types": kinds,
+            "files": {name: (staging / name).stat().st_size for name in files},
+            "seconds": round(time.perf_counter() - start, 3),
+            "consumers": verdicts,
+            "rules": {name: CONSUMER_RULES[name] for name in verdicts},
+        }
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     rejecting = sorted(name for name, verdict in verdicts.items() if verdict["accepts"] is False)
     if rejecting:
         warnings.warn(
@@ -342,21 +413,51 @@ def export_lora(
             + "; ".join(f"{name}: {verdicts[name]['reasons'][0]}" for name in rejecting)
             + f" (all reasons in {REPORT_FILE})"
         )
-    report = {
-        "source": str(source) if source else "in-memory model",
-        "method": str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type),
-        "adapter_name": adapter_name,
-        "format": format,
-        "rank": rank,
-        "layers": len(layers),
-        "layer_types": kinds,
-        "files": {name: (out_dir / name).stat().st_size for name in files},
-        "seconds": round(time.perf_counter() - start, 3),
-        "consumers": verdicts,
-        "rules": {name: CONSUMER_RULES[name] for name in verdicts},
-    }
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+def _check_out_dir(out_dir: Path, source: Optional[Path]) -> None:
+    """Refuse, before anything is loaded or written, an output folder the export cannot use or would damage."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ExportError(f"out_dir {str(out_dir)!r} is a link to nothing: remove it, or pass another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(
+            f"out_dir {str(out_dir)!r} exists and is not a folder: pass a folder (created if it does not exist)"
+        )
+    if source is not None and out_dir.is_dir() and source.exists() and os.path.samefile(source, out_dir):
+        raise ExportError(
+            f"out_dir {str(out_dir)!r} is the adapter's own folder {str(source)!r}: the LoRA export would overwrite "
+            f"the adapter it is made from. Pass another folder, e.g. {str(source.resolve().parent / 'lora')!r}"
+        )
+    for name in (CONFIG_NAME, WEIGHTS_NAME, GGUF_FILE, REPORT_FILE):
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+            raise ExportError(f"{out_dir / name} is a folder, where the export writes the file {name}: move it away, "
+                              f"or pass another out_dir")
+
+
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """``with _staged(out_dir) as staging:`` the files written into the fresh folder ``staging`` (made inside
+    ``out_dir``, so on its file system) are moved into ``out_dir`` with ``os.replace`` when the block succeeds, which
+    replaces a link of the same name instead of writing through it. On failure nothing is moved, and an ``out_dir``
+    this call created is removed."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    except OSError as error:
+        raise ExportError(f"Cannot write into out_dir {str(out_dir)!r}: {error}") from None
+    try:
+        yield staging
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, out_dir / entry.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -374,7 +475,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = export_lora(args.adapter_dir, args.out_dir, args.adapter_name, args.base, format=args.format)
-    except ExportError as error:
+    except (ValueError, MemoryError) as error:  # the library's refusals (ExportError, AdapterFileError, checks)
         parser.exit(2, f"error: {error}\n")
     print(json.dumps({k: report[k] for k in ("method", "format", "rank", "layers", "files", "seconds")}))
     for name, verdict in report["consumers"].items():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch._dynamo
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_nola import NolaConfig, NoraConfig, hotswap_adapter
 
@@ -75,6 +75,20 @@ def test_a_mismatched_adapter_is_refused_and_the_loaded_one_stays(tmp_path, meth
     before = logits(model, x)
     with pytest.raises(ValueError, match=message):
         hotswap_adapter(model, saved(tmp_path, "other", method, seed=2, **other))
+    assert torch.equal(logits(model, x), before)
+
+
+def test_a_lora_adapter_folder_is_named_as_lora_with_what_to_use_instead(tmp_path):
+    """Issue 24: hotswapping a LoRA adapter's folder into a NOLA model says it is a LoRA adapter and names peft's own
+    hotswap and loader (it said "the config was edited")."""
+    model, x = loaded(saved(tmp_path, "first", "shared", seed=1)), ids()
+    before = logits(model, x)
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS)).save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError) as refusal:
+        hotswap_adapter(model, tmp_path / "lora")
+    message = str(refusal.value)
+    assert "describes a LORA adapter" in message and "was edited" not in message
+    assert "peft.utils.hotswap.hotswap_adapter" in message and "PeftModel.from_pretrained" in message
     assert torch.equal(logits(model, x), before)
 
 

@@ -3,6 +3,7 @@ paper's parameter counts); the properties every tuner shares are in test_tuner_b
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -134,6 +135,66 @@ def test_config_validation(kwargs, message):
         NolaConfig(**{"target_modules": ["q_proj"], **kwargs})
 
 
+SUGGESTED_MODE = re.compile(r"basis_mode='(\w+)' \(")
+ADVICE = re.compile(r"budget \([^)]*\)\. (.*); or raise the budget")  # what the refusal suggests
+SUGGESTED_SIZE = re.compile(r"num_basis_A=num_basis_B=(\d+) \(the largest that fit in basis_mode='(\w+)'")
+
+
+@pytest.mark.parametrize("mode, num_basis, budget_of", [
+    ("per_layer_cached", 1000, lambda need: need["per_layer_cached"] - 1),  # 'shared' and 'per_layer' fit
+    ("shared", 1000, lambda need: need["shared"] - 1),                      # 'per_layer' fits, not 'per_layer_cached'
+    ("per_layer_cached", 1000, lambda need: need["per_layer"] - 1),         # no mode fits: only a smaller size
+    ("per_layer", 10**12, lambda need: 10**6),                              # 4 TB of coefficients
+])
+def test_the_memory_refusal_suggests_settings_that_fit(monkeypatch, mode, num_basis, budget_of):
+    """Issue 24: the refusal suggested the basis mode already chosen. Every mode it suggests now differs from the
+    config's and is accepted by get_peft_model under the same budget, and so is the size it suggests, which is the
+    largest: one more is refused."""
+    from peft_nola.tuners.nola.memory import needed_bytes
+
+    def config(**kwargs):
+        return gpt2_qv_config(**{"r": 8, "num_basis_A": num_basis, "num_basis_B": num_basis, "basis_mode": mode,
+                                 **kwargs})
+
+    targets = [(key, module) for key, module in tiny_gpt2().named_modules() if key.endswith("c_attn")]
+    need = {m: needed_bytes(config(), targets, m) for m in ("shared", "per_layer", "per_layer_cached")}
+    budget = budget_of(need)
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(budget))
+    with pytest.raises(MemoryError) as refusal:
+        get_peft_model(tiny_gpt2(), config())
+    advice = ADVICE.search(str(refusal.value))[1]
+    modes = SUGGESTED_MODE.findall(advice.split("num_basis_A=")[0])
+    assert modes == [m for m in ("shared", "per_layer", "per_layer_cached") if m != mode and need[m] <= budget]
+    for suggested in modes:
+        get_peft_model(tiny_gpt2(), config(basis_mode=suggested))
+    ((size, kept),) = SUGGESTED_SIZE.findall(advice)
+    size = int(size)
+    assert kept == mode and needed_bytes(config(), targets, num_basis=size) <= budget
+    get_peft_model(tiny_gpt2(), config(num_basis_A=size, num_basis_B=size))
+    with pytest.raises(MemoryError):
+        get_peft_model(tiny_gpt2(), config(num_basis_A=size + 1, num_basis_B=size + 1))
+
+
+def test_the_memory_refusal_on_load_suggests_only_the_same_basis(monkeypatch, tmp_path):
+    """A trained adapter's sizes and basis are fixed: per_layer_cached may load as per_layer (the same basis,
+    regenerated), and that suggestion loads under the same budget; a 'shared' adapter gets no mode or size to use."""
+    from peft_nola.tuners.nola.memory import needed_bytes
+
+    targets = [(key, module) for key, module in tiny_gpt2().named_modules() if key.endswith("c_attn")]
+    for mode in ("per_layer_cached", "shared"):
+        get_peft_model(tiny_gpt2(), gpt2_qv_config(r=8, num_basis_A=1000, num_basis_B=1000, basis_mode=mode,
+                                                   init_weights=False)).save_pretrained(tmp_path / mode)
+    cached = gpt2_qv_config(r=8, num_basis_A=1000, num_basis_B=1000, basis_mode="per_layer_cached")
+    monkeypatch.setenv("PEFT_NOLA_BASIS_MEMORY_BUDGET", str(needed_bytes(cached, targets, "per_layer")))
+    with pytest.raises(MemoryError, match=r"Use basis_mode='per_layer' \(the same basis"):
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "per_layer_cached")
+    PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "per_layer_cached", basis_mode="per_layer")
+    with pytest.raises(MemoryError) as refusal:
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "shared")
+    advice = ADVICE.search(str(refusal.value))[1]
+    assert "fixed by its training" in advice and "basis_mode=" not in advice and "num_basis" not in advice
+
+
 def test_basis_over_the_memory_budget_is_refused_before_injection(monkeypatch, token_ids):
     """Tiny GPT-2 (n_embd 32, 2 layers) QV: 4 adapted blocks, each with A_i of 8x32 and B_j of 32x8."""
     k = l = 1000
@@ -147,7 +208,7 @@ def test_basis_over_the_memory_budget_is_refused_before_injection(monkeypatch, t
     config = gpt2_qv_config(r=8, num_basis_A=k, num_basis_B=l, basis_mode="per_layer_cached")
     with pytest.raises(MemoryError, match=r"would need 8,228,096 bytes \(7.8 MiB\) of basis, coefficients and "
                                           r"factors for 2 adapted modules .* more than the 8,228,095 bytes .* "
-                                          r"\(one basis per layer shape: 2,048,000 bytes \(2.0 MiB\) here\)"):
+                                          r"Use basis_mode='shared' \(2,084,096 bytes \(2.0 MiB\) here\)"):
         get_peft_model(base, config)
     assert not nola_layers(base)
     # The on-the-fly basis stores none, but its coefficients are checked too (k = 10**12 would be 4 TB of them).

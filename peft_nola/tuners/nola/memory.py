@@ -3,13 +3,15 @@ before any module is replaced (:func:`check_basis_memory`)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ..._env import bytes_from_env
 
 from ..lowrank import matrix_shape, resolve_slices
-from .config import NolaConfig
+from .config import BASIS_MODES, NolaConfig
 
 BUDGET_ENV = "PEFT_NOLA_BASIS_MEMORY_BUDGET"
 
@@ -17,33 +19,64 @@ BUDGET_ENV = "PEFT_NOLA_BASIS_MEMORY_BUDGET"
 def check_basis_memory(config: NolaConfig, targets: list[tuple[str, nn.Module]], loading: bool = False) -> None:
     """Refuse, before any module is replaced, a config whose basis, coefficients and per-layer factors would not
     fit in memory (in every basis mode: the on-the-fly basis stores nothing, but its coefficients and the
-    factors it forms in each forward still need room)."""
+    factors it forms in each forward still need room). The refusal suggests what would fit: another basis mode, or
+    (for a new adapter) the largest ``num_basis_A = num_basis_B`` that fits in this mode."""
     if not targets:
         return
-    needed = basis_bytes(config, targets, config.basis_mode) + working_bytes(config, targets)
+    needed = needed_bytes(config, targets)
     budget, where = basis_memory_budget(targets[0][1].weight.device)
     if budget is None or needed <= budget:
         return
-    if loading:
-        # A trained adapter's basis is fixed: 'shared' and the per-layer modes are different bases.
-        advice = (
-            "This adapter was trained with basis_mode='shared'; another mode would be another basis (another "
-            "model), so free memory or load it on a larger device"
-            if config.basis_mode == "shared" else
-            "Use basis_mode='per_layer' (the same basis, regenerated on the fly instead of kept)"
-            if config.basis_mode == "per_layer_cached" else "Free memory or load it on a larger device"
-        )
-    else:
-        advice = (
-            f"Use basis_mode='shared' (one basis per layer shape: {_gib(basis_bytes(config, targets, 'shared'))} "
-            f"here) or 'per_layer' (regenerated on the fly, no basis memory), or lower num_basis_A / num_basis_B"
-        )
     raise MemoryError(
-        f"NOLA basis_mode={config.basis_mode!r} would need {_gib(needed)} of basis, coefficients and factors for "
-        f"{len(targets)} adapted modules (k={config.num_basis_A}, l={config.num_basis_B}, r={config.r}), more than "
-        f"the {_gib(budget)} budget ({where}). {advice}; or raise the budget with the environment variable "
-        f"{BUDGET_ENV}=<bytes>."
+        f"NOLA basis_mode={config.basis_mode!r} would need {format_bytes(needed)} of basis, coefficients and factors "
+        f"for {len(targets)} adapted modules (k={config.num_basis_A}, l={config.num_basis_B}, r={config.r}), more than "
+        f"the {format_bytes(budget)} budget ({where}). {_what_fits(config, targets, budget, loading)}; or raise the "
+        f"budget with the environment variable {BUDGET_ENV}=<bytes>."
     )
+
+
+def needed_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]], mode: str | None = None,
+                 num_basis: int | None = None) -> int:
+    """Bytes :func:`check_basis_memory` compares with the budget: basis plus working memory, in ``mode`` (default the
+    config's) and with ``num_basis_A = num_basis_B = num_basis`` when given."""
+    if num_basis is not None:
+        config = copy.copy(config)
+        config.num_basis_A = config.num_basis_B = num_basis
+    return basis_bytes(config, targets, mode or config.basis_mode) + working_bytes(config, targets)
+
+
+def _what_fits(config: NolaConfig, targets: list[tuple[str, nn.Module]], budget: int, loading: bool) -> str:
+    """Advice naming only settings that fit ``budget`` (each with its bytes), never the mode already chosen."""
+    if loading:
+        # A trained adapter's basis and sizes are fixed: 'shared' and the per-layer modes are different bases, while
+        # 'per_layer_cached' and 'per_layer' generate the same one (kept, or regenerated in each forward).
+        if config.basis_mode == "per_layer_cached" and needed_bytes(config, targets, "per_layer") <= budget:
+            return (f"Use basis_mode='per_layer' (the same basis, regenerated on the fly instead of kept: "
+                    f"{format_bytes(needed_bytes(config, targets, 'per_layer'))} here)")
+        return ("This adapter's basis and sizes are fixed by its training (another basis mode or size would be "
+                "another model), so free memory or load it on a larger device")
+    advice = [f"basis_mode={mode!r} ({format_bytes(needed_bytes(config, targets, mode))} here)"
+              for mode in BASIS_MODES if mode != config.basis_mode and needed_bytes(config, targets, mode) <= budget]
+    size = largest_fitting_num_basis(config, targets, budget)
+    if size is not None:
+        advice.append(f"num_basis_A=num_basis_B={size} (the largest that fit in basis_mode={config.basis_mode!r}: "
+                      f"{format_bytes(needed_bytes(config, targets, num_basis=size))})")
+    if not advice:
+        return "Not even num_basis_A=num_basis_B=1 fits in any basis mode: lower r or adapt fewer modules"
+    return "Use " + ", or ".join(advice)
+
+
+def largest_fitting_num_basis(config: NolaConfig, targets: list[tuple[str, nn.Module]], budget: int) -> int | None:
+    """The largest ``n <= max(num_basis_A, num_basis_B)`` such that ``num_basis_A = num_basis_B = n`` fits ``budget``
+    in the config's basis mode; ``None`` when not even ``n = 1`` does. (The bytes grow with ``n``: bisection.)"""
+    low, high = 0, max(config.num_basis_A, config.num_basis_B)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if needed_bytes(config, targets, num_basis=middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low or None
 
 
 def basis_bytes(config: NolaConfig, targets: list[tuple[str, nn.Module]], mode: str) -> int:
@@ -83,6 +116,12 @@ def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:
     budget = bytes_from_env(BUDGET_ENV)
     if budget is not None:
         return budget, BUDGET_ENV
+    return available_memory(device)
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """``(bytes, what they are)`` free on ``device`` now: a CUDA device's free memory, the machine's available memory
+    for the CPU; ``None`` where that cannot be known (e.g. the meta device)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
     if device.type == "cpu":
@@ -96,6 +135,7 @@ def basis_memory_budget(device: torch.device) -> tuple[int | None, str]:
     return None, ""
 
 
-def _gib(num_bytes: int) -> str:
+def format_bytes(num_bytes: int) -> str:
+    """``"1,234,567 bytes (1.2 MiB)"``."""
     size = f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
     return f"{num_bytes:,} bytes ({size})"
