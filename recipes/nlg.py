@@ -38,8 +38,10 @@ from recipes.nlg_report import (
     run_heading,
 )
 from recipes.paths import default_data_root, locate, resolve_path
+from recipes.prediction_checks import check_predictions, degenerate_note
 from recipes.results import write_results
-from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
+from recipes.console import use_console
+from recipes.training import peak_memory_bytes, report_targets, resume_checkpoint, save_adapter
 from recipes.training import training_arguments as common_training_arguments
 
 
@@ -297,6 +299,7 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError("chat_template: true already ends the prompt with the assistant header; "
                           "set eos_after_prompt: false")
     resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    report_targets(cfg.report_to)
     if cfg.compare is not None:
         run_configs(cfg)
         if importlib.util.find_spec("matplotlib") is None:
@@ -376,13 +379,14 @@ def decode_base(model, tokenizer, cfg: NLGConfig, test: Sequence[NLGExample], de
     """The un-adapted model's predictions, scores (on the main process) and decode seconds; empty when
     ``evaluate_base`` is off."""
     if not cfg.evaluate_base:
-        return {"predictions": [], "metrics": {}, "decode_time_s": None}
+        return {"predictions": [], "metrics": {}, "decode_time_s": None, "prediction_check": None}
     model.to(device)
     tick = time.time()
-    predictions = generate_sharded(model, tokenizer, cfg, [ex.source for ex in test], desc="decoding (base model)")
+    predictions = generate_sharded(model, tokenizer, cfg, [ex.source for ex in test], desc="decoding base model")
     decode_s = round(time.time() - tick, 2)
     metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower) if is_main else {}
-    return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s}
+    check = check_predictions(predictions, "Base model (no training)") if is_main else None
+    return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s, "prediction_check": check}
 
 
 def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequence[NLGExample],
@@ -405,18 +409,20 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         # RNG).
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
     )
+    use_console(trainer, f"training {row_label(run)}")
     tick = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
     train_s = round(time.time() - tick, 2)
     adapted = trainer.model
     tick = time.time()
     predictions = generate_sharded(adapted, tokenizer, run, [ex.source for ex in test],
-                                   desc=f"decoding ({row_label(run)})")
+                                   desc=f"decoding {row_label(run)}")
     decode_s = round(time.time() - tick, 2)
     if not is_main:
         return None, predictions
     adapter_bytes = save_adapter(adapted, folder / "adapter")
     metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
+    check = check_predictions(predictions, row_label(run))
     record = {
         "recipe": "nlg",
         "config": config_to_dict(run),
@@ -431,6 +437,8 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         "metrics": metrics,
         "printed_metrics": printed_metrics(metrics, cfg.dataset),
         "metric_scales": METRIC_SCALES[cfg.dataset],
+        # Empty or all-identical outputs: the scores then measure that failure (prediction_checks.py).
+        "prediction_check": check,
         "base_metrics": base_metrics,
         "train_time_s": train_s,
         "decode_time_s": decode_s,
@@ -469,21 +477,27 @@ def summarise(cfg: NLGConfig, out: Path, records: list[dict], base: dict, starte
     table and parameters-vs-BLEU plot (written into ``out``)."""
     base_metrics = base["metrics"]
     common = {"base_printed_metrics": printed_metrics(base_metrics, cfg.dataset) if base_metrics else {},
+              "base_prediction_check": base["prediction_check"],
               "base_decode_time_s": base["decode_time_s"], "wall_time_s": round(time.time() - started, 2),
               "peak_memory_bytes": peak_memory_bytes()}
     heading = run_heading(cfg, records[0])
+    checks = {"Base model (no training)": base["prediction_check"], **{r["row_label"]: r["prediction_check"]
+                                                                      for r in records}}
+    note = degenerate_note(checks)
+    note = f"\n{note}\n" if note else ""
     if cfg.compare is None:
         results = {**records[0], **common}
         rows = [paper_row(results, cfg.dataset)]
         if base_metrics:
-            base_row = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
+            base_row = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None,
+                            prediction_check=base["prediction_check"])
             rows.insert(0, paper_row(base_row, cfg.dataset))
-        return results, paper_markdown(rows, cfg.dataset)
+        return results, paper_markdown(rows, cfg.dataset) + note
     results = {"recipe": "nlg", "kind": "comparison", "config": config_to_dict(cfg), "dataset": cfg.dataset,
                "heading": heading, "runs": records, "base_metrics": base_metrics, **common}
     plot_params_vs_bleu(records, out / "params_vs_bleu.png", title=heading_short(cfg, records[0]))
     results["plot"] = str(out / "params_vs_bleu.png")
-    return results, f"{heading}\n\n{comparison_markdown(results)}"
+    return results, f"{heading}\n\n{comparison_markdown(results)}{note}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
