@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -165,6 +166,22 @@ def prompt_ids(tokenizer, cfg: NLGConfig, source: str) -> list[int]:
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if cfg.eos_after_prompt else ids
+
+
+def chat_turn_end_warning(tokenizer, cfg: NLGConfig) -> str | None:
+    """Why ``eos_after_prompt`` without ``chat_template`` misleads on a chat model, or None where it does not.
+
+    LoRA's GPT-2 layout ends the prompt with EOS. A chat model's EOS (SmolLM2's ``<|im_end|>``) ends a turn, and the
+    model learned to follow it with a new turn ("\n<|im_start|>..."): un-adapted or briefly trained, it decodes a
+    newline and EOS (an empty prediction) or a turn header ("assistant" after the first-line cut).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    eos = tokenizer.eos_token
+    if cfg.chat_template or not cfg.eos_after_prompt or not isinstance(template, str) or not eos or eos not in template:
+        return None
+    return (f"eos_after_prompt: true ends every prompt with {eos}, which this model's chat template uses to end a "
+            f"turn; the model then starts a new turn, so until training overrides that (hundreds of steps) it decodes "
+            f"empty strings. Set chat_template: true and eos_after_prompt: false (as configs/quickstart.yaml does).")
 
 
 def encode_pair(tokenizer, cfg: NLGConfig, source: str, reference: str) -> dict:
@@ -509,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pairs, test = load_data(cfg)
     # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
     model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
+    layout_problem = chat_turn_end_warning(tokenizer, cfg)
+    if layout_problem:
+        warnings.warn(layout_problem, stacklevel=1)
     # Fail on bad target_modules / method before spending time on base decoding.
     for run in runs:
         build_peft_config(run, model)
