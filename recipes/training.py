@@ -63,6 +63,28 @@ def report_targets(report_to: str | list[str] | None) -> list[str]:
     return names
 
 
+def report_metrics(report_to: str | list[str] | None, output_dir: str | os.PathLike, metrics: dict[str, float],
+                   step: int = 0) -> list[str]:
+    """Send ``metrics`` to the trackers ``report_to`` names, for a recipe that scores without training (Trainer does
+    this itself for the ones that train): each tracker's own Trainer callback is started, given the metrics as one
+    log entry at ``step``, and closed, so they land where that tracker puts a Trainer run's logs (TensorBoard:
+    ``output_dir/runs``). Returns the trackers used."""
+    names = report_targets(report_to)
+    if not names:
+        return []
+    from transformers import TrainerControl, TrainerState
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    args = training_arguments(output_dir, report_to=names)
+    state = TrainerState(global_step=step)
+    for name in names:
+        callback, control = INTEGRATION_TO_CALLBACK[name](), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        callback.on_log(args, state, control, logs=dict(metrics))
+        callback.on_train_end(args, state, control)
+    return names
+
+
 def save_adapter(model, output_dir: str | os.PathLike) -> int:
     """Save the trained adapter (or the full model for ``full``) and return the bytes of its weight files.
 

@@ -11,7 +11,7 @@ import torch
 
 from recipes.cli import RecipeError
 from recipes.console import OnceFilter, each_warning_once, log_line, no_loading_bars, use_console
-from recipes.training import report_targets
+from recipes.training import report_metrics, report_targets
 
 
 def test_log_line_is_one_compact_line_per_logging_step():
@@ -117,12 +117,13 @@ def test_no_loading_bars_turns_off_the_conversion_bars_only_within_the_block():
     assert not hf_logging.tqdm(range(3), desc="Loading weights", disable=False).disable
 
 
-def test_report_to_is_a_key_of_every_recipe_that_trains_and_is_checked_early():
+def test_report_to_is_a_key_of_every_recipe_and_is_checked_early():
     from recipes.instruct import InstructConfig
+    from recipes.mmlu import MMLUConfig
     from recipes.nlg import NLGConfig
     from recipes.vision import VisionConfig
 
-    for config_class in (NLGConfig, InstructConfig, VisionConfig):
+    for config_class in (NLGConfig, InstructConfig, VisionConfig, MMLUConfig):
         fields = {f.name: f for f in dataclasses.fields(config_class)}
         assert fields["report_to"].default == "none", config_class.__name__
         if config_class is not NLGConfig:  # the fields this change added carry their help text
@@ -135,3 +136,39 @@ def test_report_to_is_a_key_of_every_recipe_that_trains_and_is_checked_early():
     if "tensorboard" not in get_available_reporting_integrations():
         with pytest.raises(RecipeError, match="pip install tensorboard"):
             report_targets("tensorboard")
+
+
+@pytest.fixture
+def recording_tracker(monkeypatch):
+    """A tracker named "recorder" that Trainer's integration table knows and reports as installed."""
+    import transformers.integrations.integration_utils as integrations
+    from transformers import TrainerCallback
+
+    received = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            received.append(("begin", args.output_dir))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            received.append(("log", state.global_step, dict(logs)))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            received.append(("end",))
+
+    monkeypatch.setitem(integrations.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["recorder"])
+    return received
+
+
+def test_scores_without_training_reach_the_tracker_through_its_trainer_callback(tmp_path, recording_tracker):
+    assert report_metrics("recorder", tmp_path, {"mmlu/MMLU": 25.0}, step=3) == ["recorder"]
+    assert recording_tracker == [("begin", str(tmp_path)), ("log", 3, {"mmlu/MMLU": 25.0}), ("end",)]
+    assert report_metrics("none", tmp_path, {"mmlu/MMLU": 25.0}) == [] and len(recording_tracker) == 3
+
+
+def test_mmlu_report_to_needs_an_output_dir_and_says_so_before_loading(recording_tracker):
+    from recipes.mmlu import main
+
+    with pytest.raises(RecipeError, match="report_to needs output_dir"):
+        main(["--model", "./no/such/model", "--report_to", "recorder"])
