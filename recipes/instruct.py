@@ -260,11 +260,16 @@ def load_quantized_base(config: InstructConfig):
     """``(model, tokenizer)``: the base model in the configured precision, prepared for k-bit training."""
     model, tokenizer = load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
     if config.quantization != "none":
+        import inspect
+
         from peft import prepare_model_for_kbit_training
 
+        # peft 0.22 renamed gradient_checkpointing_kwargs (a FutureWarning on every run) to
+        # activation_checkpointing_kwargs; the declared floor (0.21) knows only the old name.
+        renamed = "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
+        checkpointing = {("activation" if renamed else "gradient") + "_checkpointing_kwargs": {"use_reentrant": False}}
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=config.gradient_checkpointing, **checkpointing)
     model.config.use_cache = False
     return model, tokenizer
 
