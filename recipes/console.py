@@ -88,16 +88,17 @@ class ConsoleCallback(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if not state.is_world_process_zero or args.disable_tqdm or self.eval_bar is not None:
+        if not state.is_world_process_zero or args.disable_tqdm:
             return
-        try:
-            total = len(eval_dataloader)
-        except TypeError:
-            total = None
-        from tqdm.auto import tqdm
+        if self.eval_bar is None:
+            from tqdm.auto import tqdm
 
-        self.eval_bar = tqdm(total=total, desc=f"evaluating ({self.label})", unit="batch", dynamic_ncols=True,
-                             leave=False)
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                total = None
+            self.eval_bar = tqdm(total=total, desc="evaluating " + self.label.removeprefix("training "),
+                                 unit="batch", dynamic_ncols=True, leave=False)
         self.eval_bar.update(1)
 
     def _close_eval_bar(self) -> None:

@@ -54,6 +54,8 @@ def test_trainer_prints_compact_lines_under_a_labelled_bar_and_no_dicts(tmp_path
     assert "{'loss'" not in out + err and "'train_runtime'" not in out + err
     assert "training LoRA (r=1)" in err  # the bar's label (tqdm writes to stderr)
     assert all(line in out + err for line in console.lines)
+    trainer.predict(TinyData())
+    assert "evaluating LoRA (r=1)" in capsys.readouterr().err and console.eval_bar is None  # labelled, then closed
 
 
 def test_each_warning_once_survives_catch_warnings_and_keeps_earlier_filters():
