@@ -12,7 +12,7 @@ from typing import Sequence
 
 from recipes.methods import METHOD_NAMES
 from recipes.models import hub_id
-from recipes.prediction_checks import marked_label
+from recipes.prediction_checks import degenerate_note, marked_label
 from recipes.results import markdown_table
 
 
@@ -175,7 +175,11 @@ def tables_markdown(results: list[dict]) -> str:
                                        trainable_params=None, prediction_check=base.get("base_prediction_check")),
                                   dataset))
         rows.extend(paper_row(r, dataset) for r in runs)
-        parts.append(f"### {DATASET_TITLES.get(dataset, dataset)}: {model}\n\n{paper_markdown(rows, dataset)}")
+        checks = {"Base model (no training)": base.get("base_prediction_check")} if base is not None else {}
+        checks.update({r["row_label"]: r.get("prediction_check") for r in runs})
+        note = degenerate_note(checks)
+        parts.append(f"### {DATASET_TITLES.get(dataset, dataset)}: {model}\n\n{paper_markdown(rows, dataset)}"
+                     + (f"\n{note}\n" if note else ""))
     return "\n".join(parts)
 
 

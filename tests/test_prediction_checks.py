@@ -95,3 +95,18 @@ def test_nlg_recipe_warns_and_records_degenerate_predictions(tmp_path, monkeypat
     table = (out / "results.md").read_text()
     assert f"Base model (no training) {DEGENERATE_MARK}" in table and f"{DEGENERATE_MARK} |" in table
     assert "its scores are not meaningful" in table
+
+
+def test_report_tables_mark_degenerate_runs_from_their_results_files():
+    """scripts/report.py's tables: the mark and note come from each results.json's own checks (the base row from
+    base_prediction_check, not from the run it is stored with)."""
+    from recipes.nlg_report import tables_markdown
+
+    metrics = {"BLEU": 10.0, "METEOR": 0.2, "TER": 0.9}
+    base = {"dataset": "dart", "model": "m", "row_label": "LoRA (r=1)", "trainable_params": 10, "metrics": metrics,
+            "base_metrics": metrics, "config": {}, "prediction_check": prediction_check([""] * 3),
+            "base_prediction_check": prediction_check(["a", "b", "c"])}
+    table = tables_markdown([base])
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert labels == ["Base model (no training)", f"LoRA (r=1) {DEGENERATE_MARK}"]
+    assert f"{DEGENERATE_MARK} LoRA (r=1): 3 of 3 predictions are empty" in table
