@@ -157,7 +157,8 @@ _ONCE = OnceFilter()
 
 
 class _ShowOnce:
-    """A ``warnings.showwarning`` that passes each (text, category) to ``show`` once."""
+    """A ``warnings.showwarning`` that passes each (text, category) to ``show`` once, as one line (without the
+    source line Python prints under it, which is the library's ``warnings.warn(...)`` call)."""
 
     def __init__(self, show):
         self.show = show
@@ -167,7 +168,7 @@ class _ShowOnce:
         key = (str(message), category)
         if key not in self.seen:
             self.seen.add(key)
-            self.show(message, category, filename, lineno, file, line)
+            self.show(message, category, filename, lineno, file, "" if line is None else line)
 
 
 def each_warning_once() -> None:
