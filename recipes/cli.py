@@ -23,6 +23,9 @@ def quiet_known_noise() -> None:
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> Any:
     """Run a recipe's ``main(argv)``, turning :class:`RecipeError` into one ``error: ...`` line and exit status 2."""
+    from recipes.console import each_warning_once
+
+    each_warning_once()
     quiet_known_noise()
     try:
         return main(argv)

@@ -31,12 +31,13 @@ from recipes.alpaca_data import (
 )
 from recipes.cli import RecipeError, run_cli
 from recipes.config import AdapterArgs, ModelArgs, config_to_dict, load_config
+from recipes.console import use_console
 from recipes.methods import METHODS, apply_method, count_trainable_parameters
 from recipes.mmlu import evaluate_mmlu, load_mmlu, select_questions
 from recipes.models import QUANTIZATIONS, load_base_model, world_size
 from recipes.paths import resolve_data_path
 from recipes.results import markdown_table, write_results
-from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
+from recipes.training import REPORT_TO_HELP, peak_memory_bytes, report_targets, resume_checkpoint, save_adapter
 from recipes.training import training_arguments as trainer_arguments
 
 RECIPE = "instruct"
@@ -103,6 +104,7 @@ class InstructConfig(ModelArgs, AdapterArgs):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
     output_dir: str = "runs/alpaca"
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
 
     # MMLU, 5-shot as QLoRA: val or test split from the QLoRA JSON / Hendrycks CSVs under mmlu_path, or "hub".
     mmlu_path: str = "mmlu"
@@ -140,6 +142,7 @@ def validate_config(config: InstructConfig) -> None:
     if config.bf16 and config.dtype == "float32":
         raise RecipeError("bf16: true needs dtype: bfloat16 (the dtype of the unquantized weights)")
     resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    report_targets(config.report_to)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "validation_size"):
         if getattr(config, key) < 1:
             raise RecipeError(f"{key} must be at least 1")
@@ -218,7 +221,17 @@ def training_arguments(config: InstructConfig):
         data_seed=config.data_seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        report_to=config.report_to,
     )
+
+
+def run_label(config: InstructConfig) -> str:
+    """What trains, for the progress bar: e.g. ``NOLA (r=16, k=128, l=128)`` or ``LoRA (r=1)``."""
+    method = config.method.lower()
+    name = METHOD_LABELS.get(method, config.method)
+    if method == "nola":
+        return f"{name} (r={config.r}, k={config.num_basis_A}, l={config.num_basis_B})"
+    return name if method == "full" else f"{name} (r={config.r})"
 
 
 def load_inputs(config: InstructConfig) -> tuple[list[dict], list[dict], list]:
@@ -247,11 +260,16 @@ def load_quantized_base(config: InstructConfig):
     """``(model, tokenizer)``: the base model in the configured precision, prepared for k-bit training."""
     model, tokenizer = load_base_model(config, config.quantization, config.dtype, config.converted_model_dir)
     if config.quantization != "none":
+        import inspect
+
         from peft import prepare_model_for_kbit_training
 
+        # peft 0.22 renamed gradient_checkpointing_kwargs (a FutureWarning on every run) to
+        # activation_checkpointing_kwargs; the declared floor (0.21) knows only the old name.
+        renamed = "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
+        checkpointing = {("activation" if renamed else "gradient") + "_checkpointing_kwargs": {"use_reentrant": False}}
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=config.gradient_checkpointing, **checkpointing)
     model.config.use_cache = False
     return model, tokenizer
 
@@ -340,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       train_dataset=tokenized(tokenizer, train_records, config),
                       eval_dataset=tokenized(tokenizer, val_records, config),
                       data_collator=InstructionCollator(tokenizer.pad_token_id))
+    use_console(trainer, f"training {run_label(config)}")
     base_metrics.update(base_val_loss(trainer, model, config))
 
     train_started = time.time()

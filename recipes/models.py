@@ -87,6 +87,8 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from recipes.console import no_loading_bars
+
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -108,8 +110,9 @@ def load_base_model(args: ModelArgs, quantization: str = "8bit", dtype: str = "f
             location, tokenizer_args = regular_checkpoint(args, converted_model_dir)
             tokenizer = load_tokenizer(tokenizer_args)
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, quantization_config=bnb_config, dtype=torch_dtype,
-                                                         device_map=_device_map())
+            with no_loading_bars():
+                model = AutoModelForCausalLM.from_pretrained(location, quantization_config=bnb_config,
+                                                             dtype=torch_dtype, device_map=_device_map())
         except OSError as exc:
             raise RecipeError(f"cannot load model '{args.model_name_or_path}': {exc}") from None
     name_base_model(model, args)
@@ -207,11 +210,14 @@ def load_model_and_tokenizer(args: ModelArgs, torch_dtype: str = "float32"):
         return model, tokenizer
     location, gguf = _locate_model(args)
     tokenizer = load_tokenizer(args)
+    from recipes.console import no_loading_bars
+
     try:
-        if gguf:
-            model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        with no_loading_bars():
+            if gguf:
+                model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:
         raise RecipeError(
             f"cannot load model '{args.model_name_or_path}': {' '.join(str(exc).split())} Without internet, pass a "

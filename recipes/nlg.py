@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,8 +39,10 @@ from recipes.nlg_report import (
     run_heading,
 )
 from recipes.paths import default_data_root, locate, resolve_path
+from recipes.prediction_checks import check_predictions, degenerate_note
 from recipes.results import write_results
-from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
+from recipes.console import use_console
+from recipes.training import peak_memory_bytes, report_targets, resume_checkpoint, save_adapter
 from recipes.training import training_arguments as common_training_arguments
 
 
@@ -163,6 +166,22 @@ def prompt_ids(tokenizer, cfg: NLGConfig, source: str) -> list[int]:
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if cfg.eos_after_prompt else ids
+
+
+def chat_turn_end_warning(tokenizer, cfg: NLGConfig) -> str | None:
+    """Why ``eos_after_prompt`` without ``chat_template`` misleads on a chat model, or None where it does not.
+
+    LoRA's GPT-2 layout ends the prompt with EOS. A chat model's EOS (SmolLM2's ``<|im_end|>``) ends a turn, and the
+    model learned to follow it with a new turn ("\n<|im_start|>..."): un-adapted or briefly trained, it decodes a
+    newline and EOS (an empty prediction) or a turn header ("assistant" after the first-line cut).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    eos = tokenizer.eos_token
+    if cfg.chat_template or not cfg.eos_after_prompt or not isinstance(template, str) or not eos or eos not in template:
+        return None
+    return (f"eos_after_prompt: true ends every prompt with {eos}, which this model's chat template uses to end a "
+            f"turn; the model then starts a new turn, so until training overrides that (hundreds of steps) it decodes "
+            f"empty strings. Set chat_template: true and eos_after_prompt: false (as configs/quickstart.yaml does).")
 
 
 def encode_pair(tokenizer, cfg: NLGConfig, source: str, reference: str) -> dict:
@@ -297,6 +316,7 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError("chat_template: true already ends the prompt with the assistant header; "
                           "set eos_after_prompt: false")
     resume_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    report_targets(cfg.report_to)
     if cfg.compare is not None:
         run_configs(cfg)
         if importlib.util.find_spec("matplotlib") is None:
@@ -376,13 +396,14 @@ def decode_base(model, tokenizer, cfg: NLGConfig, test: Sequence[NLGExample], de
     """The un-adapted model's predictions, scores (on the main process) and decode seconds; empty when
     ``evaluate_base`` is off."""
     if not cfg.evaluate_base:
-        return {"predictions": [], "metrics": {}, "decode_time_s": None}
+        return {"predictions": [], "metrics": {}, "decode_time_s": None, "prediction_check": None}
     model.to(device)
     tick = time.time()
-    predictions = generate_sharded(model, tokenizer, cfg, [ex.source for ex in test], desc="decoding (base model)")
+    predictions = generate_sharded(model, tokenizer, cfg, [ex.source for ex in test], desc="decoding base model")
     decode_s = round(time.time() - tick, 2)
     metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower) if is_main else {}
-    return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s}
+    check = check_predictions(predictions, "Base model (no training)") if is_main else None
+    return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s, "prediction_check": check}
 
 
 def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequence[NLGExample],
@@ -405,18 +426,20 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         # RNG).
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100).__call__,
     )
+    use_console(trainer, f"training {row_label(run)}")
     tick = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
     train_s = round(time.time() - tick, 2)
     adapted = trainer.model
     tick = time.time()
     predictions = generate_sharded(adapted, tokenizer, run, [ex.source for ex in test],
-                                   desc=f"decoding ({row_label(run)})")
+                                   desc=f"decoding {row_label(run)}")
     decode_s = round(time.time() - tick, 2)
     if not is_main:
         return None, predictions
     adapter_bytes = save_adapter(adapted, folder / "adapter")
     metrics = score(cfg.dataset, test, predictions, cfg.score_tokenize_lower)
+    check = check_predictions(predictions, row_label(run))
     record = {
         "recipe": "nlg",
         "config": config_to_dict(run),
@@ -431,6 +454,8 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         "metrics": metrics,
         "printed_metrics": printed_metrics(metrics, cfg.dataset),
         "metric_scales": METRIC_SCALES[cfg.dataset],
+        # Empty or all-identical outputs: the scores then measure that failure (prediction_checks.py).
+        "prediction_check": check,
         "base_metrics": base_metrics,
         "train_time_s": train_s,
         "decode_time_s": decode_s,
@@ -469,21 +494,27 @@ def summarise(cfg: NLGConfig, out: Path, records: list[dict], base: dict, starte
     table and parameters-vs-BLEU plot (written into ``out``)."""
     base_metrics = base["metrics"]
     common = {"base_printed_metrics": printed_metrics(base_metrics, cfg.dataset) if base_metrics else {},
+              "base_prediction_check": base["prediction_check"],
               "base_decode_time_s": base["decode_time_s"], "wall_time_s": round(time.time() - started, 2),
               "peak_memory_bytes": peak_memory_bytes()}
     heading = run_heading(cfg, records[0])
+    checks = {"Base model (no training)": base["prediction_check"], **{r["row_label"]: r["prediction_check"]
+                                                                      for r in records}}
+    note = degenerate_note(checks)
+    note = f"\n{note}\n" if note else ""
     if cfg.compare is None:
         results = {**records[0], **common}
         rows = [paper_row(results, cfg.dataset)]
         if base_metrics:
-            base_row = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None)
+            base_row = dict(results, metrics=base_metrics, row_label="Base model (no training)", trainable_params=None,
+                            prediction_check=base["prediction_check"])
             rows.insert(0, paper_row(base_row, cfg.dataset))
-        return results, paper_markdown(rows, cfg.dataset)
+        return results, paper_markdown(rows, cfg.dataset) + note
     results = {"recipe": "nlg", "kind": "comparison", "config": config_to_dict(cfg), "dataset": cfg.dataset,
                "heading": heading, "runs": records, "base_metrics": base_metrics, **common}
     plot_params_vs_bleu(records, out / "params_vs_bleu.png", title=heading_short(cfg, records[0]))
     results["plot"] = str(out / "params_vs_bleu.png")
-    return results, f"{heading}\n\n{comparison_markdown(results)}"
+    return results, f"{heading}\n\n{comparison_markdown(results)}{note}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -495,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pairs, test = load_data(cfg)
     # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
     model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
+    layout_problem = chat_turn_end_warning(tokenizer, cfg)
+    if layout_problem:
+        warnings.warn(layout_problem, stacklevel=1)
     # Fail on bad target_modules / method before spending time on base decoding.
     for run in runs:
         build_peft_config(run, model)

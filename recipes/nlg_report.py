@@ -12,6 +12,7 @@ from typing import Sequence
 
 from recipes.methods import METHOD_NAMES
 from recipes.models import hub_id
+from recipes.prediction_checks import degenerate_note, marked_label
 from recipes.results import markdown_table
 
 
@@ -63,8 +64,9 @@ def format_params(n: int | None) -> str:
 
 def paper_row(results: dict, dataset: str) -> dict:
     """One table row as the paper prints it: label, parameter count, and metric strings (E2E "70.4" for BLEU, METEOR
-    and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two)."""
-    row = {"Method": results["row_label"], "# Trainable Parameters": format_params(results["trainable_params"])}
+    and ROUGE-L in percent with one decimal; NIST "8.85", CIDEr, DART/WebNLG BLEU, METEOR and TER with two). A run
+    whose ``prediction_check`` found degenerate outputs (empty, all identical) is marked after its label."""
+    row = {"Method": marked_label(results["row_label"], results.get("prediction_check")), "# Trainable Parameters": format_params(results["trainable_params"])}
     printed = printed_metrics(results["metrics"], dataset)
     for name in TABLE_COLUMNS[dataset]:
         value = printed.get(name)
@@ -114,7 +116,8 @@ def comparison_markdown(results: dict) -> str:
     metric_columns = TABLE_COLUMNS[dataset]
     rows = []
     if results["base_metrics"]:
-        base = {"row_label": "Base model (no training)", "trainable_params": None, "metrics": results["base_metrics"]}
+        base = {"row_label": "Base model (no training)", "trainable_params": None, "metrics": results["base_metrics"],
+                "prediction_check": results.get("base_prediction_check")}
         rows.append({**paper_row(base, dataset), "Adapter bytes": None, "Train (s)": None,
                      "Decode (s)": results["base_decode_time_s"]})
     for run in results["runs"]:
@@ -147,7 +150,8 @@ def find_results(paths: list[str]) -> list[dict]:
         if data.get("recipe") != "nlg":
             continue
         for run in data.get("runs", [data]):
-            results.append({**run, "base_metrics": data.get("base_metrics", {}), "_path": str(f)})
+            results.append({**run, "base_metrics": data.get("base_metrics", {}),
+                            "base_prediction_check": data.get("base_prediction_check"), "_path": str(f)})
     return results
 
 
@@ -168,9 +172,14 @@ def tables_markdown(results: list[dict]) -> str:
         base = next((r for r in runs if r.get("base_metrics")), None)
         if base is not None:
             rows.append(paper_row(dict(base, metrics=base["base_metrics"], row_label="Base model (no training)",
-                                       trainable_params=None), dataset))
+                                       trainable_params=None, prediction_check=base.get("base_prediction_check")),
+                                  dataset))
         rows.extend(paper_row(r, dataset) for r in runs)
-        parts.append(f"### {DATASET_TITLES.get(dataset, dataset)}: {model}\n\n{paper_markdown(rows, dataset)}")
+        checks = {"Base model (no training)": base.get("base_prediction_check")} if base is not None else {}
+        checks.update({r["row_label"]: r.get("prediction_check") for r in runs})
+        note = degenerate_note(checks)
+        parts.append(f"### {DATASET_TITLES.get(dataset, dataset)}: {model}\n\n{paper_markdown(rows, dataset)}"
+                     + (f"\n{note}\n" if note else ""))
     return "\n".join(parts)
 
 

@@ -1,6 +1,6 @@
-"""The Trainer side every recipe shares: ``TrainingArguments``, what ``resume_from_checkpoint`` means (``true``:
-the newest checkpoint Trainer finished writing; a folder torn by a kill mid-save is skipped), saving the adapter
-(returns its bytes) and peak memory."""
+"""The Trainer side every recipe shares: ``TrainingArguments``, which experiment trackers ``report_to`` names, what
+``resume_from_checkpoint`` means (``true``: the newest checkpoint Trainer finished writing; a folder torn by a kill
+mid-save is skipped), saving the adapter (returns its bytes) and peak memory."""
 
 from __future__ import annotations
 
@@ -22,7 +22,67 @@ def training_arguments(output_dir: str | os.PathLike, **fields):
     cuda = torch.cuda.is_available()
     shared = dict(remove_unused_columns=False, report_to="none", ddp_find_unused_parameters=False, use_cpu=not cuda,
                   dataloader_pin_memory=cuda)
+    if "report_to" in fields:
+        fields["report_to"] = report_targets(fields["report_to"]) or "none"
     return TrainingArguments(output_dir=str(output_dir), **{**shared, **fields})
+
+
+# The help text of every recipe's ``report_to`` key.
+REPORT_TO_HELP = ("experiment trackers that receive the training logs, as Trainer's report_to: none, all (every "
+                  "installed one), or names such as tensorboard, wandb, mlflow, trackio (comma-separated)")
+# pip packages of the trackers whose package name differs from the report_to name or is commonly asked for.
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                     "trackio": "trackio", "clearml": "clearml", "neptune": "neptune", "dvclive": "dvclive",
+                     "codecarbon": "codecarbon", "swanlab": "swanlab", "dagshub": "dagshub", "flyte": "flytekit",
+                     "azure_ml": "azureml-core"}
+
+
+def report_targets(report_to: str | list[str] | None) -> list[str]:
+    """The trackers ``report_to`` names, checked: ``[]`` for none, the installed ones for ``all``, else the names
+    (a comma-separated string or a list). :class:`RecipeError` for an unknown name or one whose package is not
+    installed, before any model loads (Trainer would only fail when it is built, after loading and base scoring)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = report_to if isinstance(report_to, (list, tuple)) else str(report_to or "none").split(",")
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names or names == ["none"]:
+        return []
+    installed = get_available_reporting_integrations()
+    if names == ["all"]:
+        return list(installed)
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(f"report_to '{name}' is not a tracker Trainer knows: choose none, all, or any of "
+                              f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in installed:
+            raise RecipeError(f"report_to '{name}' needs its package: pip install {_TRACKER_PACKAGES.get(name, name)} "
+                              f"(installed trackers: {', '.join(installed) or 'none'}), or set report_to: none")
+    return names
+
+
+def report_metrics(report_to: str | list[str] | None, output_dir: str | os.PathLike, metrics: dict[str, float],
+                   step: int = 0) -> list[str]:
+    """Send ``metrics`` to the trackers ``report_to`` names, for a recipe that scores without training (Trainer does
+    this itself for the ones that train): each tracker's own Trainer callback is started, given the metrics as one
+    log entry at ``step``, and closed, so they land where that tracker puts a Trainer run's logs (TensorBoard:
+    ``output_dir/runs``). Returns the trackers used."""
+    names = report_targets(report_to)
+    if not names:
+        return []
+    from transformers import TrainerControl, TrainerState
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    args = training_arguments(output_dir, report_to=names)
+    state = TrainerState(global_step=step)
+    for name in names:
+        callback, control = INTEGRATION_TO_CALLBACK[name](), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        callback.on_log(args, state, control, logs=dict(metrics))
+        callback.on_train_end(args, state, control)
+    return names
 
 
 def save_adapter(model, output_dir: str | os.PathLike) -> int:

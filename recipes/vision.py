@@ -38,7 +38,9 @@ from recipes.methods import build_peft_config
 from recipes.models import split_model_config
 from recipes.paths import locate, resolve_path
 from recipes.results import markdown_table, write_results
-from recipes.training import latest_complete_checkpoint, peak_memory_bytes, save_adapter, training_arguments
+from recipes.console import use_console
+from recipes.training import REPORT_TO_HELP, latest_complete_checkpoint, peak_memory_bytes, report_targets
+from recipes.training import save_adapter, training_arguments
 from recipes.vision_data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -149,6 +151,7 @@ class VisionConfig(ModelArgs):
     fp16: bool = False
     logging_steps: int = 10
     disable_tqdm: bool = False
+    report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
     paper_table: str | None = None
 
 
@@ -346,7 +349,7 @@ def _training_arguments(cfg: VisionConfig, run_dir: Path, lr: float, seed: int):
         warmup_steps=cfg.warmup_steps, label_smoothing_factor=cfg.label_smoothing, optim="adamw_torch",
         seed=seed, data_seed=seed, save_strategy=cfg.save_strategy, logging_steps=cfg.logging_steps,
         label_names=["labels"], bf16=cfg.bf16, fp16=cfg.fp16, dataloader_num_workers=cfg.dataloader_num_workers,
-        disable_tqdm=cfg.disable_tqdm, dataloader_drop_last=False,
+        disable_tqdm=cfg.disable_tqdm, dataloader_drop_last=False, report_to=cfg.report_to,
     )
 
 
@@ -367,6 +370,8 @@ def train_and_score(cfg: VisionConfig, base_model, method: str, train_set: Trans
     model = prepare_model(cfg, base_model, method, seed)
     trainer = Trainer(model=model, args=_training_arguments(cfg, run_dir, lr, seed), train_dataset=train_set,
                       data_collator=collate_images)
+    # run_dir is <output_dir>/runs/<k>shot/<method>/<split>_lr<lr>_set<s>_init<i>
+    use_console(trainer, f"training {METHOD_PRESETS[method]['label']} ({run_dir.parent.parent.name}, {run_dir.name})")
     latest = latest_complete_checkpoint(run_dir) if cfg.resume_from_checkpoint else None
     trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     return predict_top1(trainer, eval_set), model
@@ -411,7 +416,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 # Keys that cannot change a run's outcome; every other config key is part of a run's fingerprint.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "resume_from_checkpoint", "save_strategy", "save_adapters", "methods",
-                       "shots", "dataloader_num_workers", "logging_steps", "disable_tqdm", "paper_table", "model_label",
+                       "shots", "dataloader_num_workers", "logging_steps", "disable_tqdm", "report_to", "paper_table",
+                       "model_label",
                        "dataset", "lr_grid", "lr_grid_full", "lr_search_runs", "sample_sets", "inits",
                        "eval_batch_size"}
 
@@ -606,6 +612,7 @@ def validate(cfg: VisionConfig) -> None:
         raise RecipeError("lr_grid_full is empty")
     if any(METHOD_PRESETS[m]["kind"] not in ("full", "knn") for m in cfg.methods) and not cfg.lr_grid:
         raise RecipeError("lr_grid is empty")
+    report_targets(cfg.report_to)
 
 
 def load_data(cfg: VisionConfig) -> tuple[LabeledImages, LabeledImages]:
