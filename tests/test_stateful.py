@@ -720,6 +720,8 @@ class PeftMachine(RuleBasedStateMachine):
             self.counts["load_refused"] += 1
             return
         assert outcome in (None, "maybe"), f"load_adapter accepted an adapter it must refuse ({outcome})"
+        if not trainable:
+            self.training = False  # peft's load_adapter(is_trainable=False) puts the whole model in eval mode
         mirror = saved.copy()
         if self.method == "nora":
             # The frozen factors: recomputed from this model's base weights (a new name), kept (an existing name).
@@ -732,10 +734,12 @@ class PeftMachine(RuleBasedStateMachine):
             mirror.bits = self.adapters[name].bits
         # peft's load_adapter upcasts the loaded adapter of a float16/bfloat16 model to float32
         # (autocast_adapter_dtype=True), a new one or an existing one
+        # (after loading: the values of an existing adapter are first written into its float16 tensors, then upcast)
+        via = self.adapters[name].dtype if not new_name else torch.float64
         mirror.dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         for tensors in mirror.tensors.values():
             for short in tensors:
-                tensors[short] = round_to(tensors[short], mirror.dtype)
+                tensors[short] = round_to(round_to(tensors[short], via), mirror.dtype)
         self.adapters[name] = mirror
 
     @rule(which=st.integers(0, 50), into=st.integers(0, 5), inference=st.booleans())
