@@ -60,7 +60,7 @@ import peft_nola
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig
 from peft_nola.basis import basis_rows
 from peft_nola.quantization import HEADER_SUFFIX, unpack_tensor
-from peft_nola.tuners.lowrank import LowRankLayer
+from peft_nola.tuners.lowrank import LowRankLayer, _sample_layout
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -84,8 +84,13 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   (b) an adapter loaded into the float16 model (peft upcasts it to float32, new name or existing) finds that float16
 #:   tensor under the float32 key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA
 #:   model with a stored basis, once cast to float16, is neither cast back nor loaded into.
+#: - "inference_layout_cache" (found by this machine): the index tensors of a mixed batch's layout are cached per
+#:   process (``lowrank._sample_layout``, an lru_cache); made under ``torch.inference_mode()`` they are inference
+#:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
+#:   tensors cannot be saved for backward". Gate: mixed batches run without gradients (a test elsewhere in the process
+#:   may have filled the cache under inference mode).
 KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_dtype"}
+              "basis_store_dtype", "inference_layout_cache"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. Measured over the fast profile (printed as "worst_relative_error"): float64 <= 5e-16, float32
@@ -588,7 +593,8 @@ class PeftMachine(RuleBasedStateMachine):
 
         handle = target.register_forward_hook(interrupt)
         ids, kwargs = self.ids, {}
-        if mixed and not self.training and not self.merged:
+        if mixed and not self.training and not self.merged and not (
+                mode == "grad" and "inference_layout_cache" in self.known_bugs):
             kwargs["adapter_names"] = self.layout([0, 1, 2], 1)
             ids = torch.randint(1, VOCAB, (len(kwargs["adapter_names"]), 5), generator=torch.Generator().manual_seed(5))
         try:
@@ -809,6 +815,8 @@ class PeftMachine(RuleBasedStateMachine):
         names = self.order(self.layout(picks, base_count), permutation)
         if not names:
             return
+        if mode == "grad" and "inference_layout_cache" in self.known_bugs:
+            mode = "no_grad"
         self.counts["mixed_batch"] += 1
         ids = torch.randint(1, VOCAB, (len(names), 6), generator=torch.Generator().manual_seed(len(names)))
         if self.training or self.merged:
@@ -983,3 +991,15 @@ def test_known_bug_adapter_loaded_into_a_float16_model_crashes(basis_mode):
         machine.load_adapter(which=0, new_name=True, into=0, trainable=False, inference=False)
         machine.set_adapter(which=1)  # "default", "loaded0", "other": the new adapter
         machine.outputs_match_reference()
+
+
+@pytest.mark.xfail("inference_layout_cache" in KNOWN_BUGS, strict=True, raises=RuntimeError,
+                   reason="found here: a mixed batch under inference_mode caches inference index tensors per process")
+def test_known_bug_mixed_batch_layout_cached_under_inference_mode():
+    try:
+        with ungated("inference_layout_cache") as machine:
+            # "__base__", "other", "default": a layout whose index tensors are not identities
+            machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="inference")
+            machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="grad")
+    finally:
+        _sample_layout.cache_clear()  # the inference tensors cached here would break other tests' mixed batches
