@@ -89,8 +89,12 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
 #:   tensors cannot be saved for backward". Gate: mixed batches run without gradients (a test elsewhere in the process
 #:   may have filled the cache under inference mode).
+#: - "pinned_field_missing" (found by this machine): ``load_adapter(dir, adapter_name=existing)`` of a quantized
+#:   checkpoint (``coefficient_bits`` set) into an unquantized adapter raises ``KeyError: 'coefficient_bits'`` from
+#:   ``LowRankTuner._check_existing_adapter`` instead of the refusal naming the field (the other way round is refused
+#:   properly). Gate: loads of a quantized checkpoint into an existing unquantized adapter are not tried.
 KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_dtype", "inference_layout_cache"}
+              "basis_store_dtype", "inference_layout_cache", "pinned_field_missing"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. Measured over the fast profile (printed as "worst_relative_error"): float64 <= 5e-16, float32
@@ -723,6 +727,9 @@ class PeftMachine(RuleBasedStateMachine):
             return
         inference = inference and "inference_mode_load" not in self.known_bugs
         directory, saved, _ = self.saved[which % len(self.saved)]
+        if ("pinned_field_missing" in self.known_bugs and not new_name and self.method == "nola"
+                and saved.bits is not None and self.adapters[self.pick(into)].bits is None):
+            return
         name = next(self.new_names) if new_name else self.pick(into)
         self.counts["load_adapter_new" if new_name else "load_adapter_existing"] += 1
         outcome = self.expect_load_outcome(saved, None if new_name else name)
@@ -1003,3 +1010,15 @@ def test_known_bug_mixed_batch_layout_cached_under_inference_mode():
             machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="grad")
     finally:
         _sample_layout.cache_clear()  # the inference tensors cached here would break other tests' mixed batches
+
+
+@pytest.mark.xfail("pinned_field_missing" in KNOWN_BUGS, strict=True, raises=KeyError,
+                   reason="found here: load_adapter onto an existing name with coefficient_bits on one side only")
+def test_known_bug_load_into_existing_adapter_with_other_quantization():
+    with ungated("pinned_field_missing") as machine:
+        machine.save(which=0, check_load=False, inference=False)  # "default", unquantized
+        machine.load_adapter(which=0, new_name=True, into=0, trainable=False, inference=False)  # as "loaded0"
+        machine.quantize(which=0, bits=4)  # "default" now has coefficient_bits=4
+        machine.save(which=0, check_load=False, inference=False)
+        # the quantized checkpoint into the unquantized "loaded0": must be refused (coefficient_bits is pinned)
+        machine.load_adapter(which=1, new_name=False, into=1, trainable=False, inference=False)
