@@ -60,7 +60,8 @@ import peft_nola
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig
 from peft_nola.basis import basis_rows
 from peft_nola.quantization import HEADER_SUFFIX, unpack_tensor
-from peft_nola.tuners.lowrank import LowRankLayer, _sample_layout
+from peft_nola.tuners import lowrank
+from peft_nola.tuners.lowrank import LowRankLayer
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -85,7 +86,7 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   tensor under the float32 key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA
 #:   model with a stored basis, once cast to float16, is neither cast back nor loaded into.
 #: - "inference_layout_cache" (found by this machine): the index tensors of a mixed batch's layout are cached per
-#:   process (``lowrank._sample_layout``, an lru_cache); made under ``torch.inference_mode()`` they are inference
+#:   process (an lru_cache, see ``clear_layout_cache``); made under ``torch.inference_mode()`` they are inference
 #:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
 #:   tensors cannot be saved for backward". Gate: mixed batches run without gradients (a test elsewhere in the process
 #:   may have filled the cache under inference mode).
@@ -112,6 +113,14 @@ UNMERGE_RTOL = {torch.float64: 1e-13, torch.float32: 8 * 2**-24, torch.float16: 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 VOCAB = 96
 BASE = "__base__"
+
+def clear_layout_cache() -> None:
+    """Empty the per-process cache of mixed-batch layouts (an lru_cache: ``lowrank._sample_layout``, or
+    ``lowrank.mixed_batch.sample_layout`` since lowrank became a package)."""
+    mixed_batch = getattr(lowrank, "mixed_batch", None)
+    cached = getattr(mixed_batch, "sample_layout", None) or getattr(lowrank, "_sample_layout")
+    cached.cache_clear()
+
 
 #: What ran, for the report (printed by the profile tests): sequences, steps and rule counts per machine.
 RUN_COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -1003,14 +1012,14 @@ def test_known_bug_adapter_loaded_into_a_float16_model_crashes(basis_mode):
 @pytest.mark.xfail("inference_layout_cache" in KNOWN_BUGS, strict=True, raises=RuntimeError,
                    reason="found here: a mixed batch under inference_mode caches inference index tensors per process")
 def test_known_bug_mixed_batch_layout_cached_under_inference_mode():
-    _sample_layout.cache_clear()  # a layout cached earlier (outside inference mode) would hide the bug
+    clear_layout_cache()  # a layout cached earlier (outside inference mode) would hide the bug
     try:
         with ungated("inference_layout_cache") as machine:
             # "__base__", "other", "default": a layout whose index tensors are not identities
             machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="inference")
             machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="grad")
     finally:
-        _sample_layout.cache_clear()  # the inference tensors cached here would break other tests' mixed batches
+        clear_layout_cache()  # the inference tensors cached here would break other tests' mixed batches
 
 
 @pytest.mark.xfail("pinned_field_missing" in KNOWN_BUGS, strict=True, raises=KeyError,
