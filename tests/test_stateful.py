@@ -44,7 +44,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -53,6 +60,7 @@ import peft_nola
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig
 from peft_nola.basis import basis_rows
 from peft_nola.quantization import HEADER_SUFFIX, unpack_tensor
+from peft_nola.tuners import lowrank
 from peft_nola.tuners.lowrank import LowRankLayer
 
 from .conftest import tiny_gpt2, tiny_llama
@@ -62,38 +70,57 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   forwards serve stale factors. Gate: the interrupted-forward rule does not run.
 #: - "dtype_roundtrip": ``.half()`` then ``.float()`` (or any cast back) with no forward between serves cached factors
 #:   of the old values (storage reused, version counter and dtype equal again). Gate: every cast is followed by
-#:   ``train()`` + the previous mode, which drops every cached factor.
+#:   ``train()`` + the previous mode, which drops every cached factor. (Not reproduced here: it needs the allocator to
+#:   hand the freed storage back; the gate stays so that a reuse cannot make CI flaky.)
 #: - "param_replacement": parameters replaced (``vector_to_parameters``) twice with no forward between serve stale
 #:   cached factors. Gate: the replacement is followed by ``train()`` + the previous mode, as above.
 #: - "inference_mode_load": an adapter loaded under ``torch.inference_mode()`` holds inference tensors, and the next
 #:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
-#: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid").
-#:   Gate: every adapter of a mixed batch gets the same number of samples ("__base__" any number).
+#: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid")
+#:   or, here (NOLA on LLaMA, 5 + 4 samples), silently gives another sample's update to some samples. Gate: every
+#:   adapter of a mixed batch gets the same number of samples ("__base__" any number).
 #: - "basis_store_dtype" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is keyed by the
 #:   dtype it was made in but cast with the model, so (a) after ``.half()`` then ``.float()`` / ``.double()`` every
 #:   forward uses the float16-rounded basis under the float32 key (~2e-4 of the logits' scale off here, silently), and
-#:   (b) an adapter loaded into the float16 model (peft keeps it in float32) finds that float16 tensor under the float32
-#:   key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA model with a stored basis,
-#:   once cast to float16, is neither cast back nor given a new adapter.
+#:   (b) an adapter loaded into the float16 model (peft upcasts it to float32, new name or existing) finds that float16
+#:   tensor under the float32 key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA
+#:   model with a stored basis, once cast to float16, is neither cast back nor loaded into.
+#: - "inference_layout_cache" (found by this machine): the index tensors of a mixed batch's layout are cached per
+#:   process (an lru_cache, see ``clear_layout_cache``); made under ``torch.inference_mode()`` they are inference
+#:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
+#:   tensors cannot be saved for backward". Gate: mixed batches run without gradients (a test elsewhere in the process
+#:   may have filled the cache under inference mode).
+#: - "pinned_field_missing" (found by this machine): ``load_adapter(dir, adapter_name=existing)`` of a quantized
+#:   checkpoint (``coefficient_bits`` set) into an unquantized adapter raises ``KeyError: 'coefficient_bits'`` from
+#:   ``LowRankTuner._check_existing_adapter`` instead of the refusal naming the field (the other way round is refused
+#:   properly). Gate: loads of a quantized checkpoint into an existing unquantized adapter are not tried.
 KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_dtype"}
+              "basis_store_dtype", "inference_layout_cache", "pinned_field_missing"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
-#: model's dtype. The reference is float64 and exact up to ~1e-15; a float32 forward of these 2-layer models rounds
-#: at ~6e-8 per operation and was measured at <= 1.5e-6 of the logits' scale over the fast profile (the bound keeps a
-#: ~10x margin); float16 (eps 1e-3, accumulations in float32 on CPU) was measured at <= 4e-3. A stale factor or a
-#: wrong adapter moves the logits by >= 1e-4 of their scale here (the adapters' updates are ~1e-2 of the weights).
+#: model's dtype. Measured over the fast profile (printed as "worst_relative_error"): float64 <= 5e-16, float32
+#: <= 1.3e-6, float16 <= 1.3e-3 (its eps is 1e-3); the bounds keep a >= 15x margin. The bugs found here moved the
+#: logits by 2e-4 (a float16-rounded basis) to 0.6 (another sample's adapter) of their scale.
 OUTPUT_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2}
 #: Gradients of the loss with respect to the trainable tensors, as a fraction of the largest reference gradient
-#: entry of that tensor (float32 backward through two layers; measured <= 2e-6).
+#: entry of that tensor (measured: float32 <= 1.6e-6, float64 <= 2e-15).
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 5e-5}
-#: Base weights after merge + unmerge, as a fraction of ``max |W| + max |ΔW|``: one rounding of W + ΔW and one of the
-#: difference in the model's dtype, plus ΔW itself rounded differently when the dtype changed while merged (8 eps).
+#: Merged weights and base weights after unmerge, as a fraction of ``max |W| + max |ΔW|``: one rounding of W + ΔW and
+#: one of the difference in the model's dtype, plus ΔW rounded differently when the dtype changed while merged: 8 unit
+#: roundoffs (measured: float32 <= 1.6e-7 = 2.7 units, float16 <= 4.6e-4 = 0.9 units).
 UNMERGE_RTOL = {torch.float64: 1e-13, torch.float32: 8 * 2**-24, torch.float16: 8 * 2**-11}
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 VOCAB = 96
 BASE = "__base__"
+
+def clear_layout_cache() -> None:
+    """Empty the per-process cache of mixed-batch layouts (an lru_cache: ``lowrank._sample_layout``, or
+    ``lowrank.mixed_batch.sample_layout`` since lowrank became a package)."""
+    mixed_batch = getattr(lowrank, "mixed_batch", None)
+    cached = getattr(mixed_batch, "sample_layout", None) or getattr(lowrank, "_sample_layout")
+    cached.cache_clear()
+
 
 #: What ran, for the report (printed by the profile tests): sequences, steps and rule counts per machine.
 RUN_COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -364,7 +391,7 @@ class PeftMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------------------------------------- helpers
     def stored_basis_gated(self) -> bool:
-        """Whether the "basis_store_dtype" gate holds the model where it is (a float16 NOLA model with a stored basis)."""
+        """Whether the "basis_store_dtype" gate holds the model as it is (a float16 NOLA model with a stored basis)."""
         return ("basis_store_dtype" in self.known_bugs and self.method == "nola" and self.basis_mode != "per_layer"
                 and self.dtype == torch.float16)
 
@@ -579,7 +606,8 @@ class PeftMachine(RuleBasedStateMachine):
 
         handle = target.register_forward_hook(interrupt)
         ids, kwargs = self.ids, {}
-        if mixed and not self.training and not self.merged:
+        if mixed and not self.training and not self.merged and not (
+                mode == "grad" and "inference_layout_cache" in self.known_bugs):
             kwargs["adapter_names"] = self.layout([0, 1, 2], 1)
             ids = torch.randint(1, VOCAB, (len(kwargs["adapter_names"]), 5), generator=torch.Generator().manual_seed(5))
         try:
@@ -704,10 +732,13 @@ class PeftMachine(RuleBasedStateMachine):
     @rule(which=st.integers(0, 50), new_name=st.booleans(), into=st.integers(0, 5), trainable=st.booleans(),
           inference=st.booleans())
     def load_adapter(self, which, new_name, into, trainable, inference):
-        if not self.saved or (new_name and (len(self.adapters) >= 4 or self.stored_basis_gated())):
+        if not self.saved or (new_name and len(self.adapters) >= 4) or self.stored_basis_gated():
             return
         inference = inference and "inference_mode_load" not in self.known_bugs
         directory, saved, _ = self.saved[which % len(self.saved)]
+        if ("pinned_field_missing" in self.known_bugs and not new_name and self.method == "nola"
+                and saved.bits is not None and self.adapters[self.pick(into)].bits is None):
+            return
         name = next(self.new_names) if new_name else self.pick(into)
         self.counts["load_adapter_new" if new_name else "load_adapter_existing"] += 1
         outcome = self.expect_load_outcome(saved, None if new_name else name)
@@ -720,6 +751,8 @@ class PeftMachine(RuleBasedStateMachine):
             self.counts["load_refused"] += 1
             return
         assert outcome in (None, "maybe"), f"load_adapter accepted an adapter it must refuse ({outcome})"
+        if not trainable:
+            self.training = False  # peft's load_adapter(is_trainable=False) puts the whole model in eval mode
         mirror = saved.copy()
         if self.method == "nora":
             # The frozen factors: recomputed from this model's base weights (a new name), kept (an existing name).
@@ -732,10 +765,12 @@ class PeftMachine(RuleBasedStateMachine):
             mirror.bits = self.adapters[name].bits
         # peft's load_adapter upcasts the loaded adapter of a float16/bfloat16 model to float32
         # (autocast_adapter_dtype=True), a new one or an existing one
+        # (after loading: the values of an existing adapter are first written into its float16 tensors, then upcast)
+        via = self.adapters[name].dtype if not new_name else torch.float64
         mirror.dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         for tensors in mirror.tensors.values():
             for short in tensors:
-                tensors[short] = round_to(tensors[short], mirror.dtype)
+                tensors[short] = round_to(round_to(tensors[short], via), mirror.dtype)
         self.adapters[name] = mirror
 
     @rule(which=st.integers(0, 50), into=st.integers(0, 5), inference=st.booleans())
@@ -796,6 +831,8 @@ class PeftMachine(RuleBasedStateMachine):
         names = self.order(self.layout(picks, base_count), permutation)
         if not names:
             return
+        if mode == "grad" and "inference_layout_cache" in self.known_bugs:
+            mode = "no_grad"
         self.counts["mixed_batch"] += 1
         ids = torch.randint(1, VOCAB, (len(names), 6), generator=torch.Generator().manual_seed(len(names)))
         if self.training or self.merged:
@@ -970,3 +1007,28 @@ def test_known_bug_adapter_loaded_into_a_float16_model_crashes(basis_mode):
         machine.load_adapter(which=0, new_name=True, into=0, trainable=False, inference=False)
         machine.set_adapter(which=1)  # "default", "loaded0", "other": the new adapter
         machine.outputs_match_reference()
+
+
+@pytest.mark.xfail("inference_layout_cache" in KNOWN_BUGS, strict=True, raises=RuntimeError,
+                   reason="found here: a mixed batch under inference_mode caches inference index tensors per process")
+def test_known_bug_mixed_batch_layout_cached_under_inference_mode():
+    clear_layout_cache()  # a layout cached earlier (outside inference mode) would hide the bug
+    try:
+        with ungated("inference_layout_cache") as machine:
+            # "__base__", "other", "default": a layout whose index tensors are not identities
+            machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="inference")
+            machine.mixed_batch(picks=[1, 0], base_count=1, permutation=[0], mode="grad")
+    finally:
+        clear_layout_cache()  # the inference tensors cached here would break other tests' mixed batches
+
+
+@pytest.mark.xfail("pinned_field_missing" in KNOWN_BUGS, strict=True, raises=KeyError,
+                   reason="found here: load_adapter onto an existing name with coefficient_bits on one side only")
+def test_known_bug_load_into_existing_adapter_with_other_quantization():
+    with ungated("pinned_field_missing") as machine:
+        machine.save(which=0, check_load=False, inference=False)  # "default", unquantized
+        machine.load_adapter(which=0, new_name=True, into=0, trainable=False, inference=False)  # as "loaded0"
+        machine.quantize(which=0, bits=4)  # "default" now has coefficient_bits=4
+        machine.save(which=0, check_load=False, inference=False)
+        # the quantized checkpoint into the unquantized "loaded0": must be refused (coefficient_bits is pinned)
+        machine.load_adapter(which=1, new_name=False, into=1, trainable=False, inference=False)
