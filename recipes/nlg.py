@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,69 +45,109 @@ from recipes.training import training_arguments as common_training_arguments
 
 @dataclass
 class NLGConfig(ModelArgs, AdapterArgs):
-    """Every key a config file (or ``--key value``) may set."""
+    """The NLG recipe: data, prompt, training, decoding and reporting."""
 
     # ---- data
-    dataset: str = "e2e"  # e2e | dart | webnlg
-    # Folder with the dataset files; default: $PEFT_NOLA_DATA_DIR/<dataset> or ../shared/data/<dataset>.
-    data_dir: str | None = None
-    train_file: str | None = None  # relative to data_dir unless absolute; default per dataset (nlg_data.DEFAULT_FILES)
-    test_file: str | None = None
-    # Hub dataset name (e2e_nlg, dart, web_nlg) to use instead of local files; needs internet.
-    hub_dataset: str | None = None
-    max_train_pairs: int | None = None  # keep this many (input, reference) training pairs (None: all)
-    max_test_inputs: int | None = None  # decode this many test inputs (None: all)
-    data_seed: int = 0  # shuffles the training pairs before max_train_pairs picks them; test keeps file order
+    dataset: str = field(default="e2e", metadata={"help": (
+        "Which benchmark: e2e, dart or webnlg. It picks the file reader, the default files and the metrics and table; "
+        "with source_column set (your own data) only the metrics and table.")})
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Folder with the dataset files. Default: <data root>/<dataset>, the data root being $PEFT_NOLA_DATA_DIR or "
+        "../shared/data next to the repository.")})
+    train_file: str | None = field(default=None, metadata={"help": (
+        "Training file: a path as given (absolute, or relative to the working directory or the repository), else "
+        "looked up in data_dir. Default: the dataset's own (e2e train.txt, dart dart-v1.1.1-full-train.json, webnlg "
+        "train.json). With source_column set: JSON lines (.jsonl, or .json holding a list of records) or CSV (.csv).")})
+    validation_file: str | None = field(default=None, metadata={"help": (
+        "Optional held-out file read like train_file; when set, Trainer reports its loss after training "
+        "(validation_loss in results.json).")})
+    test_file: str | None = field(default=None, metadata={"help": (
+        "Test file read like train_file; rows with the same source are one test input with several references. "
+        "Default: the dataset's own (e2e test.txt, ...).")})
+    source_column: str | None = field(default=None, metadata={"help": (
+        "Your own data: the column (JSON key or CSV header) holding the input text. When set, train/validation/test "
+        "files (or hub_dataset) are read as rows with source_column and target_column instead of the benchmark's "
+        "format.")})
+    target_column: str | None = field(default=None, metadata={"help": (
+        "Your own data: the column holding the reference text the model learns to write.")})
+    hub_dataset: str | None = field(default=None, metadata={"help": (
+        "A Hugging Face datasets name (needs internet) to use instead of local files: e2e_nlg, dart or web_nlg for "
+        "the benchmarks, or any dataset with train/test splits together with source_column and target_column.")})
+    max_train_pairs: int | None = field(default=None, metadata={"help": (
+        "Keep this many (input, reference) training pairs after a seeded shuffle (null: all).")})
+    max_test_inputs: int | None = field(default=None, metadata={"help": (
+        "Decode and score the first this many test inputs (null: all).")})
+    data_seed: int = field(default=0, metadata={"help": (
+        "Seed of the shuffle before max_train_pairs picks training pairs; the test set keeps file order.")})
     # ---- how an input becomes a prompt. LoRA setup: "<input><eos> <reference><eos>", loss on the reference only.
-    prompt_template: str = "{source}"
-    eos_after_prompt: bool = True
-    # Wrap the prompt as a user turn of the tokenizer's chat template (instruct models); the reference becomes the
-    # assistant turn. Lets an un-adapted instruct model attempt the task, so base_metrics is a fair baseline.
-    chat_template: bool = False
-    max_length: int = 512
+    prompt_template: str = field(default="{source}", metadata={"help": (
+        "Prompt text; {source} is replaced by the input. The loss is on the reference only.")})
+    eos_after_prompt: bool = field(default=True, metadata={"help": (
+        "End the prompt with the EOS token, as the LoRA/NOLA GPT-2 setup (<input><eos> <reference><eos>).")})
+    chat_template: bool = field(default=False, metadata={"help": (
+        "Wrap the prompt as a user turn of the tokenizer's chat template (instruct models) and the reference as the "
+        "assistant turn, so that the un-adapted model can attempt the task and base_metrics is a fair baseline. "
+        "Needs eos_after_prompt: false.")})
+    max_length: int = field(default=512, metadata={"help": "Truncate prompt + reference to this many tokens."})
     # ---- training (transformers.TrainingArguments names)
-    output_dir: str = "runs/nlg"
-    seed: int = 110
-    num_train_epochs: float = 5.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 0.1
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    lr_scheduler_type: str = "linear"
-    label_smoothing: float = 0.1
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 0.0  # 0 disables clipping, as in the LoRA/NOLA scripts (--clip 0.0)
-    logging_steps: int = 50
-    save_strategy: str = "epoch"  # no | steps | epoch
-    save_steps: int = 1000
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "true" for the latest in output_dir
-    bf16: bool = False
-    fp16: bool = False
-    report_to: str = "none"
+    output_dir: str = field(default="runs/nlg", metadata={"help": (
+        "Folder for results.json, results.md, predictions.jsonl, checkpoints and the adapter.")})
+    seed: int = field(default=110, metadata={"help": "Seed of Trainer (adapter init, data order, dropout)."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Training epochs (TrainingArguments)."})
+    max_steps: int = field(default=-1, metadata={"help": (
+        "Stop after this many optimizer steps; -1 trains num_train_epochs (TrainingArguments).")})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": (
+        "Batches accumulated per optimizer step.")})
+    learning_rate: float = field(default=0.1, metadata={"help": (
+        "Peak learning rate (AdamW). NOLA's coefficients take larger steps than LoRA's matrices.")})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=500, metadata={"help": "Linear warm-up steps of the learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": (
+        "Learning-rate schedule after warm-up (TrainingArguments: linear, cosine, constant, ...).")})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the loss (paper: 0.1)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": (
+        "Gradient clipping norm; 0 disables clipping, as in the LoRA/NOLA scripts (--clip 0.0).")})
+    logging_steps: int = field(default=50, metadata={"help": "Log the training loss every this many steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When Trainer checkpoints: no, steps or epoch."})
+    save_steps: int = field(default=1000, metadata={"help": "Checkpoint interval with save_strategy: steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": (
+        "Keep at most this many checkpoints (null: all).")})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
+        "Resume training from a checkpoint folder, or true for the newest complete one in output_dir.")})
+    bf16: bool = field(default=False, metadata={"help": "Train with bfloat16 autocast (fp32 master weights)."})
+    fp16: bool = field(default=False, metadata={"help": "Train with float16 autocast (fp32 master weights)."})
+    report_to: str = field(default="none", metadata={"help": (
+        "Experiment tracker for Trainer's logs (TrainingArguments.report_to: none, tensorboard, wandb, ...).")})
     # ---- decoding (paper: beam 10, length penalty 0.9 (E2E) / 0.8, no-repeat 4-gram, 64 new tokens)
-    num_beams: int = 10
-    length_penalty: float = 0.9
-    no_repeat_ngram_size: int = 4
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 64
-    eval_batch_size: int = 16
-    stop_at_newline: bool = True  # keep only the first line of each generation (all references are one line)
-    # Lower-case and split punctuation on both sides before scoring (LoRA's gpt2_decode.py --tokenize --lower, which
-    # its DART/WebNLG scripts use and its E2E script does not). None: on for dart/webnlg, off for e2e.
-    score_tokenize_lower: bool | None = None
-    evaluate_base: bool = True  # also decode and score the un-adapted model on the same inputs (base_metrics)
+    num_beams: int = field(default=10, metadata={"help": "Beam size for decoding the test inputs (1: greedy)."})
+    length_penalty: float = field(default=0.9, metadata={"help": (
+        "Beam-search length penalty (paper: 0.9 for E2E, 0.8 for DART/WebNLG).")})
+    no_repeat_ngram_size: int = field(default=4, metadata={"help": (
+        "Never repeat an n-gram of this size in a generation (0: off).")})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of generate (1.0: off)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per test input."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Test inputs decoded per batch."})
+    stop_at_newline: bool = field(default=True, metadata={"help": (
+        "Keep only the first line of each generation (every reference is one line).")})
+    score_tokenize_lower: bool | None = field(default=None, metadata={"help": (
+        "Lower-case and split punctuation on both sides before scoring (LoRA's gpt2_decode.py --tokenize --lower, "
+        "which its DART/WebNLG scripts use and its E2E script does not). null: on for dart/webnlg, off for e2e.")})
+    evaluate_base: bool = field(default=True, metadata={"help": (
+        "Also decode and score the un-adapted model on the same inputs (base_metrics).")})
     # ---- reporting
-    row_label: str | None = None  # e.g. "NOLA (QV)"; derived from method/targets when unset
-    paper_table: str | None = None  # which table of the NOLA paper this config reproduces
-    # ---- side-by-side runs (the quickstart): each entry overrides keys of this config for one run, e.g.
-    # [{method: nola, num_basis_A: 400}, {method: lora, r: 1, learning_rate: 2.0e-3}]. Every run trains on the same
-    # data and steps from the same base model, in this process; the un-adapted model is decoded once. Writes one
-    # table (results.md), results.json with a "runs" list, params_vs_bleu.png and one adapter per run.
-    compare: list[dict] | None = None
-    table_note: str | None = None  # a sentence printed under the table's heading (e.g. how the run differs from the paper)
+    row_label: str | None = field(default=None, metadata={"help": (
+        "Row label in the table, e.g. \"NOLA (QV)\"; derived from method and target_modules when unset.")})
+    paper_table: str | None = field(default=None, metadata={"help": (
+        "Which table of the NOLA paper this config reproduces (recorded in results.json).")})
+    compare: list[dict] | None = field(default=None, metadata={"help": (
+        "Side-by-side runs (the quickstart): each entry overrides keys of this config for one run, e.g. "
+        "[{method: nola, num_basis_A: 400}, {method: lora, r: 1, learning_rate: 2.0e-3}]. Every run trains on the "
+        "same data and steps from the same base model; the un-adapted model is decoded once. Writes one table, "
+        "results.json with a runs list, params_vs_bleu.png and one adapter per run.")})
+    table_note: str | None = field(default=None, metadata={"help": (
+        "A sentence printed under the table's heading (e.g. how the run differs from the paper).")})
 
 
 # --------------------------------------------------------------------------------------------------------------------
