@@ -248,8 +248,10 @@ def training_arguments(config: InstructConfig):
 
 def load_inputs(config: InstructConfig) -> tuple[list[dict], list[dict], list]:
     """(training records, validation records, MMLU questions) per the config; RecipeError for a bad file."""
-    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
-    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
+    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True,
+                                    hub_hint="set data_path to a hub name such as tatsu-lab/alpaca (needs internet)")
+    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(
+        config.mmlu_path, "mmlu_path", hub_hint="set mmlu_path: hub to download cais/mmlu (needs internet)")
     if config.tokenizer_name_or_path:
         config.tokenizer_name_or_path = str(
             resolve_data_path(config.tokenizer_name_or_path, "tokenizer_name_or_path", allow_hub=True)
@@ -293,9 +295,13 @@ def mmlu_before(config: InstructConfig, model, tokenizer, questions) -> dict | N
 
 
 def tokenized(tokenizer, records, config: InstructConfig):
-    """``records`` as Trainer examples: the Alpaca prompt and response, the loss on the response unless
-    ``train_on_source``."""
-    return tokenize_records(tokenizer, records, config.source_max_len, config.target_max_len, config.train_on_source)
+    """``records`` as Trainer examples: the Alpaca prompt (or the chat messages before the answer) and the response,
+    the loss on the response unless ``train_on_source``."""
+    try:
+        return tokenize_records(tokenizer, records, config.source_max_len, config.target_max_len,
+                                config.train_on_source, config.chat_template)
+    except DataFormatError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def base_val_loss(trainer, model, config: InstructConfig) -> dict:

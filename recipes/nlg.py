@@ -24,8 +24,20 @@ from recipes.cli import RecipeError, run_cli
 from recipes.config import AdapterArgs, ModelArgs, coerce_mapping, config_to_dict, load_config
 from recipes.methods import METHODS, apply_method, build_peft_config, check_target_modules, count_trainable_parameters
 from recipes.models import load_model_and_tokenizer
-from recipes.nlg_data import DATASETS, DEFAULT_FILES, WHERE_TO_GET, DataFileError, NLGExample, load_hub_split, read_split
-from recipes.nlg_data import subsample, training_pairs
+from recipes.nlg_data import (
+    DATASETS,
+    DEFAULT_FILES,
+    HUB_NAMES,
+    WHERE_TO_GET,
+    DataFileError,
+    NLGExample,
+    load_hub_columns,
+    load_hub_split,
+    read_columns,
+    read_split,
+    subsample,
+    training_pairs,
+)
 from recipes.nlg_report import (
     METRIC_SCALES,
     comparison_markdown,
@@ -37,7 +49,7 @@ from recipes.nlg_report import (
     row_label,
     run_heading,
 )
-from recipes.paths import default_data_root, locate, resolve_path
+from recipes.paths import data_candidates, dataset_dir
 from recipes.results import write_results
 from recipes.training import peak_memory_bytes, resume_checkpoint, save_adapter
 from recipes.training import training_arguments as common_training_arguments
@@ -155,41 +167,67 @@ class NLGConfig(ModelArgs, AdapterArgs):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _data_file(cfg: NLGConfig, which: str) -> Path:
-    """An explicit train_file/test_file that exists as given wins; otherwise it is looked up inside data_dir."""
-    explicit = cfg.train_file if which == "train" else cfg.test_file
-    data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else default_data_root() / cfg.dataset
-    return locate(explicit, data_dir) if explicit else data_dir / DEFAULT_FILES[cfg.dataset][which]
+def _hub_hint(cfg: NLGConfig) -> str:
+    """How to get the data without local files (for missing-data errors)."""
+    if cfg.source_column:
+        return ("pass --hub_dataset NAME (a Hugging Face datasets name with these columns and train/test splits; "
+                "needs internet)")
+    return (f"pass --hub_dataset {HUB_NAMES[cfg.dataset]} to download it with datasets (needs internet). Where to get "
+            f"the files: {WHERE_TO_GET[cfg.dataset]}")
 
 
-def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[NLGExample]]:
-    """(training pairs, grouped test examples) per the config; RecipeError when files are missing."""
+def data_files(cfg: NLGConfig) -> dict[str, Path]:
+    """The files to read by split (train, test, and validation when validation_file is set), each found by the data
+    rule (as given, else in data_dir, else under the data root); RecipeError naming every missing one."""
+    data_dir = dataset_dir(cfg.data_dir, cfg.dataset, hub_hint=_hub_hint(cfg))
+    given = {"train": cfg.train_file, "test": cfg.test_file, "validation": cfg.validation_file}
+    found, missing = {}, []
+    for split in ("train", "test", "validation"):
+        name = given[split] or (None if split == "validation" else str(data_dir / DEFAULT_FILES[cfg.dataset][split]))
+        if name is None:
+            continue
+        places = data_candidates(name, data_dir)
+        hit = next((place for place in places if place.is_file()), None)
+        if hit is None:
+            missing.append(f"{split}_file '{name}' (looked at {', '.join(map(str, places))})")
+        else:
+            found[split] = hit
+    if missing:
+        which = "your" if cfg.source_column else cfg.dataset
+        raise RecipeError(f"{which} data file(s) not found: {'; '.join(missing)}. "
+                          f"Pass existing files (train_file / test_file / data_dir), set $PEFT_NOLA_DATA_DIR to the "
+                          f"folder holding {cfg.dataset}/, or {_hub_hint(cfg)}.")
+    return found
+
+
+def read_examples(cfg: NLGConfig) -> dict[str, list[NLGExample]]:
+    """Examples by split: the benchmark's files or hub dataset, or your own (source_column / target_column)."""
+    if cfg.hub_dataset:
+        splits = ("train", "test")
+        if cfg.source_column:
+            return {s: load_hub_columns(cfg.hub_dataset, s, cfg.source_column, cfg.target_column) for s in splits}
+        return {s: load_hub_split(cfg.dataset, cfg.hub_dataset, s) for s in splits}
+    files = data_files(cfg)
+    if cfg.source_column:
+        return {s: read_columns(path, cfg.source_column, cfg.target_column) for s, path in files.items()}
+    return {s: read_split(cfg.dataset, path) for s, path in files.items()}
+
+
+def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[NLGExample]]:
+    """(training pairs, validation pairs (empty without validation_file), grouped test examples) per the config;
+    RecipeError when files are missing or malformed."""
     if cfg.dataset not in DATASETS:
         raise RecipeError(f"unknown dataset '{cfg.dataset}': choose one of {', '.join(DATASETS)}")
     try:
-        if cfg.hub_dataset:
-            train = load_hub_split(cfg.dataset, cfg.hub_dataset, "train")
-            test = load_hub_split(cfg.dataset, cfg.hub_dataset, "test")
-        else:
-            test_path = _data_file(cfg, "test")
-            train_path = _data_file(cfg, "train")
-            # Check both before reading either, so the message lists everything that is missing.
-            missing = [str(p) for p in (train_path, test_path) if not p.is_file()]
-            if missing:
-                raise DataFileError(
-                    f"{cfg.dataset} data file(s) not found: {', '.join(missing)}. Set data_dir (or train_file / "
-                    f"test_file) to a local copy, or $PEFT_NOLA_DATA_DIR to a folder holding {cfg.dataset}/. "
-                    f"Where to get it: {WHERE_TO_GET[cfg.dataset]}."
-                )
-            train = read_split(cfg.dataset, train_path)
-            test = read_split(cfg.dataset, test_path)
+        examples = read_examples(cfg)
     except (DataFileError, KeyError, ValueError) as exc:
         raise RecipeError(str(exc)) from None
-    pairs = subsample(training_pairs(train), cfg.max_train_pairs, seed=cfg.data_seed)
-    test = subsample(test, cfg.max_test_inputs)
+    pairs = subsample(training_pairs(examples["train"]), cfg.max_train_pairs, seed=cfg.data_seed)
+    validation = training_pairs(examples.get("validation", []))
+    test = subsample(examples["test"], cfg.max_test_inputs)
     if not pairs or not test:
         raise RecipeError(f"no training pairs ({len(pairs)}) or test inputs ({len(test)}) after reading the data")
-    return pairs, test
+    return pairs, validation, test
 
 
 def prompt_ids(tokenizer, cfg: NLGConfig, source: str) -> list[int]:
@@ -331,6 +369,11 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
     if cfg.save_strategy not in ("no", "steps", "epoch"):
         raise RecipeError(f"save_strategy must be no, steps or epoch, not '{cfg.save_strategy}'")
+    if bool(cfg.source_column) != bool(cfg.target_column):
+        raise RecipeError("your own data needs both source_column and target_column (the input and its reference)")
+    if cfg.source_column and not cfg.hub_dataset and not (cfg.train_file and cfg.test_file):
+        raise RecipeError("with source_column / target_column, pass train_file and test_file (JSON lines or CSV), "
+                          "or hub_dataset")
     if "{source}" not in cfg.prompt_template:
         raise RecipeError("prompt_template must contain {source}")
     if cfg.chat_template and cfg.eos_after_prompt:
@@ -345,7 +388,8 @@ def validate(cfg: NLGConfig) -> None:
 
 
 # Keys a compare entry may not set: they are what every run of a comparison shares (data, decoding, where it goes).
-SHARED_KEYS = ("dataset", "data_dir", "train_file", "test_file", "hub_dataset", "max_train_pairs", "max_test_inputs",
+SHARED_KEYS = ("dataset", "data_dir", "train_file", "validation_file", "test_file", "source_column", "target_column",
+               "hub_dataset", "max_train_pairs", "max_test_inputs",
                "data_seed", "model_name_or_path", "gguf_file", "tokenizer_name_or_path", "model_config",
                "output_dir", "resume_from_checkpoint", "evaluate_base", "num_beams", "length_penalty",
                "no_repeat_ngram_size", "repetition_penalty", "max_new_tokens", "stop_at_newline",
@@ -425,11 +469,14 @@ def decode_base(model, tokenizer, cfg: NLGConfig, test: Sequence[NLGExample], de
     return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s}
 
 
-def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequence[NLGExample],
-              base_metrics: dict, is_main: bool) -> tuple[dict | None, list[str]]:
-    """Adapt ``base`` for ``run``, train it with Trainer, decode the test inputs and save the adapter; returns the run's
-    record (None off the main process) and its predictions."""
+def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, data: tuple, base_metrics: dict,
+              is_main: bool) -> tuple[dict | None, list[str]]:
+    """Adapt ``base`` for ``run``, train it with Trainer on ``data`` = (training pairs, validation pairs, test
+    examples), measure the validation loss (when there are validation pairs), decode the test inputs and save the
+    adapter; returns the run's record (None off the main process) and its predictions."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    pairs, validation, test = data
 
     folder = run_folder(cfg, run)
     set_seed(run.seed)
@@ -440,6 +487,7 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         model=adapted,
         args=train_args,
         train_dataset=PairDataset(tokenizer, run, pairs),
+        eval_dataset=PairDataset(tokenizer, run, validation) if validation else None,
         # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
         # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler,
         # RNG).
@@ -448,6 +496,7 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
     tick = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
     train_s = round(time.time() - tick, 2)
+    validation_loss = float(trainer.evaluate()["eval_loss"]) if validation else None
     adapted = trainer.model
     tick = time.time()
     predictions = generate_sharded(adapted, tokenizer, run, [ex.source for ex in test],
@@ -479,6 +528,8 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         "test_references": sum(len(ex.references) for ex in test),
         "train_steps": int(train_output.global_step),
         "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
+        "validation_loss": validation_loss,
+        "validation_pairs": len(validation),
         "decoding": {k: getattr(run, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
                                                    "max_new_tokens", "stop_at_newline")},
         "device": str(train_args.device),
@@ -532,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(NLGConfig, argv)
     validate(cfg)
     runs = run_configs(cfg)
-    pairs, test = load_data(cfg)
+    pairs, validation, test = load_data(cfg)
     # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
     model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
     # Fail on bad target_modules / method before spending time on base decoding.
@@ -550,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for number, run in enumerate(runs):
         # Each run of a comparison starts from the same un-adapted weights; the last one may consume them.
         start_from = model if number == len(runs) - 1 else copy.deepcopy(model)
-        record, run_predictions = train_run(cfg, run, start_from, tokenizer, pairs, test, base["metrics"], is_main)
+        record, run_predictions = train_run(cfg, run, start_from, tokenizer, (pairs, validation, test), base["metrics"],
+                                            is_main)
         records.append(record)
         predictions.append(run_predictions)
         del start_from

@@ -36,7 +36,7 @@ from recipes.cli import RecipeError, run_cli
 from recipes.config import AdapterArgs, ModelArgs, config_to_dict, load_config
 from recipes.methods import build_peft_config
 from recipes.models import split_model_config
-from recipes.paths import locate, resolve_path
+from recipes.paths import locate, resolve_data_path, resolve_path
 from recipes.results import markdown_table, write_results
 from recipes.training import latest_complete_checkpoint, peak_memory_bytes, save_adapter, training_arguments
 from recipes.vision_data import (
@@ -643,8 +643,10 @@ def validate(cfg: VisionConfig) -> None:
 
 
 def load_data(cfg: VisionConfig) -> tuple[LabeledImages, LabeledImages]:
-    """(train, test) images per the config: local files under data_dir, or a hub dataset."""
-    data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else None
+    """(train, test) images per the config: local files under data_dir (found by the data rule: as given, else under
+    $PEFT_NOLA_DATA_DIR or ../shared/data), or a hub dataset."""
+    hint = "pass --data_dir none --hub_dataset NAME to read a Hugging Face datasets image dataset (needs internet)"
+    data_dir = resolve_data_path(cfg.data_dir, "data_dir", hub_hint=hint) if cfg.data_dir else None
 
     def in_data_dir(name):
         return None if name is None else str(locate(name, data_dir))
