@@ -1,7 +1,11 @@
-"""Recipe configs: a YAML file plus ``--key value`` command-line overrides -> a dataclass instance.
+"""Recipe and script configs: one schema, the config dataclasses, whose ``field(metadata={"help": ...})`` say what
+each key means (the convention of peft's and peft_nola's configs; the docs' config reference is generated from it).
 
-:func:`load_config` coerces values to the dataclass annotations and names any key the dataclass does not have;
-:class:`ModelArgs` and :class:`AdapterArgs` are the fields every recipe shares (a recipe's config inherits them).
+* :func:`load_config` - a recipe's YAML file plus ``--key value`` overrides -> a dataclass instance, with values
+  coerced to the field types and an error naming any key the dataclass does not have; ``--help`` prints
+  :func:`config_help` (every key with its type, default and meaning).
+* :func:`parse_script_args` - a script's argparse-style command line -> its options dataclass, same ``--help``.
+* :class:`ModelArgs`, :class:`AdapterArgs` - the fields every recipe shares (a recipe's config inherits them).
 """
 
 from __future__ import annotations
@@ -215,6 +219,7 @@ def config_to_dict(config) -> dict:
     """The resolved config as plain JSON-able data (for results.json)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # --help: every key with its type, default and meaning, from the dataclass fields' metadata["help"]
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,7 +274,7 @@ def config_help(config_cls: type, usage: str, description: str | None = None) ->
     if description:
         lines += [description.strip(), ""]
     for title, fields in _sections(config_cls):
-        lines.append(f"{title}")
+        lines.append(title)
         for f in fields:
             flag = f.name if f.metadata.get("positional") else f"--{f.name}"
             default = field_default(f)
@@ -295,7 +300,7 @@ def recipe_usage(config_cls: type) -> tuple[str, str | None]:
 class _ScriptParser(argparse.ArgumentParser):
     """argparse whose errors point at ``--help``, which prints :func:`config_help` (the one schema)."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):  # argparse calls this for every parse error
         self.exit(2, f"error: {message} (--help lists every option with its type, default and meaning)\n")
 
 
@@ -311,9 +316,8 @@ def parse_script_args(options_cls: type, argv: Sequence[str] | None, usage: str,
     parser = _ScriptParser(usage=usage, add_help=False)
     for f in dataclasses.fields(options_cls):
         tp = _strip_optional(hints[f.name])
-        kwargs: dict[str, Any] = {}
-        if field_default(f) is not dataclasses.MISSING:
-            kwargs["default"] = field_default(f)
+        default = field_default(f)
+        kwargs: dict[str, Any] = {} if default is dataclasses.MISSING else {"default": default}
         if tp is bool:
             kwargs["action"] = "store_true" if kwargs.get("default") is False else argparse.BooleanOptionalAction
         else:

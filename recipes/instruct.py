@@ -6,6 +6,11 @@
     accelerate launch -m recipes.instruct --config configs/alpaca/llama2_70b_nola.yaml --model_name_or_path ...
     python -m recipes.instruct --config configs/alpaca/smollm2_nola_cpu.yaml     # offline, CPU, real model
     python -m recipes.instruct --config configs/alpaca/smoke.yaml --output_dir /tmp/smoke   # tiny LLaMA, minutes
+    python -m recipes.instruct --config configs/alpaca/smollm2_nola_cpu.yaml --data_path chat.jsonl   # your data
+    python -m recipes.instruct --help                     # every key, its type, default and meaning
+
+``data_path`` holds Alpaca records (``{instruction, input, output}``) or chat records (``{"messages": [{"role",
+"content"}, ...]}``, the last message the answer; formatted with the tokenizer's chat template or ``chat_template``).
 
 The recipe follows QLoRA (artidoro/qlora), which the paper's LLaMA-2 runs used: base weights in 8-bit (or 4-bit NF4)
 via bitsandbytes and ``prepare_model_for_kbit_training``, adapters on every linear layer of every block, one epoch of

@@ -1,6 +1,9 @@
 """Data-to-text generation (E2E NLG, DART, WebNLG) with NOLA, LoRA or full fine-tuning: the GPT-2 rows of the NOLA paper.
 
     python -m recipes.nlg --config configs/e2e/gpt2m_nola_qv_k1000.yaml [--key value ...]
+    python -m recipes.nlg --config configs/quickstart.yaml --train_file train.jsonl --test_file test.jsonl \
+        --source_column meaning --target_column sentence          # your own data: JSON lines or CSV
+    python -m recipes.nlg --help                                  # every key, its type, default and meaning
 
 Trains with ``transformers.Trainer`` (so ``accelerate launch`` / ``torchrun`` and ``--resume_from_checkpoint`` work),
 decodes the test inputs, scores them against all references of each input, and writes ``results.json``,

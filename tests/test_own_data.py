@@ -288,3 +288,24 @@ def test_env_var_is_the_data_root_for_relative_names(tmp_path, monkeypatch):
     monkeypatch.delenv("PEFT_NOLA_DATA_DIR")
     assert default_data_root() == REPO_ROOT.parent / "shared" / "data"
     assert os.path.isabs(default_data_root())
+
+
+def test_instruct_recipe_trains_on_chat_messages(tmp_path):
+    """configs/alpaca/smoke.yaml (tiny random LLaMA) on a chat-messages file: it trains, holds out the validation
+    records, and the un-adapted model's validation loss is that of a near-uniform LM over GPT-2's 50,257 tokens."""
+    import math
+
+    from recipes.instruct import main
+
+    if not (TOKENIZER_JSON.is_file() and (DATA / "mmlu").exists()):
+        pytest.skip(f"GPT-2 tokenizer or MMLU not present under {DATA}")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(chat_record(("user", f"What is {i} plus {i}?"), ("assistant", str(2 * i))))
+                            + "\n" for i in range(24)))
+    results = main(["--config", str(REPO_ROOT / "configs" / "alpaca" / "smoke.yaml"), "--data_path", str(path),
+                    "--chat_template", CHAT_TEMPLATE, "--tokenizer_name_or_path", str(TOKENIZER_JSON),
+                    "--quantization", "none", "--validation_size", "4", "--mmlu_before", "false",
+                    "--mmlu_max_samples", "4", "--output_dir", str(tmp_path / "out")])
+    assert (results["train_examples"], results["val_examples"]) == (20, 4)
+    assert results["base_metrics"]["val_loss"] == pytest.approx(math.log(50257), abs=0.15)
+    assert math.isfinite(results["metrics"]["train_loss"]) and math.isfinite(results["metrics"]["val_loss"])
