@@ -372,6 +372,9 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
     if cfg.save_strategy not in ("no", "steps", "epoch"):
         raise RecipeError(f"save_strategy must be no, steps or epoch, not '{cfg.save_strategy}'")
+    if cfg.hub_dataset and (cfg.train_file or cfg.validation_file or cfg.test_file):
+        raise RecipeError("hub_dataset reads its train and test splits in place of train_file / validation_file / "
+                          "test_file: set one or the other")
     if bool(cfg.source_column) != bool(cfg.target_column):
         raise RecipeError("your own data needs both source_column and target_column (the input and its reference)")
     if cfg.source_column and not cfg.hub_dataset and not (cfg.train_file and cfg.test_file):

@@ -125,6 +125,9 @@ def test_own_data_needs_both_columns_and_both_files():
         main(["--source_column", "meaning", "--train_file", "a.jsonl", "--test_file", "b.jsonl"])
     with pytest.raises(RecipeError, match="pass train_file and test_file"):
         main(["--source_column", "meaning", "--target_column", "sentence", "--train_file", "a.jsonl"])
+    with pytest.raises(RecipeError, match="hub_dataset reads its train and test splits in place of train_file"):
+        main(["--hub_dataset", "user/data", "--train_file", "a.jsonl", "--source_column", "meaning",
+              "--target_column", "sentence"])
 
 
 def test_nlg_recipe_trains_and_scores_on_your_json_lines_and_csv(tmp_path):
