@@ -70,8 +70,8 @@ class NLGConfig(ModelArgs, AdapterArgs):
         "Folder with the dataset files. Default: <data root>/<dataset>, the data root being $PEFT_NOLA_DATA_DIR or "
         "../shared/data next to the repository.")})
     train_file: str | None = field(default=None, metadata={"help": (
-        "Training file: a path as given (absolute, or relative to the working directory or the repository), else "
-        "looked up in data_dir. Default: the dataset's own (e2e train.txt, dart dart-v1.1.1-full-train.json, webnlg "
+        "Training file, found by the data rule: as given (absolute, or relative to the working directory or the "
+        "repository), else in data_dir, else under $PEFT_NOLA_DATA_DIR or ../shared/data. Default: the dataset's own (e2e train.txt, dart dart-v1.1.1-full-train.json, webnlg "
         "train.json). With source_column set: JSON lines (.jsonl, or .json holding a list of records) or CSV (.csv).")})
     validation_file: str | None = field(default=None, metadata={"help": (
         "Optional held-out file read like train_file; when set, Trainer reports its loss after training "
