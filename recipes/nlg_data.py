@@ -190,6 +190,74 @@ def load_hub_split(dataset: str, hub_name: str, split: str) -> list[NLGExample]:
     return _group(rows)
 
 
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv")
+# What --hub_dataset names for each benchmark (Hugging Face datasets; needs internet).
+HUB_NAMES = {"e2e": "e2e_nlg", "dart": "dart", "webnlg": "web_nlg"}
+
+
+def _text(value: object, column: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataFileError(f"{where}: column '{column}' must hold non-empty text, got {value!r}")
+    return value.strip()
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of a JSON-lines / JSON-list (.jsonl, .json) or CSV (.csv) file."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, row) for row in reader]
+    from recipes.alpaca_data import DataFormatError, iter_json_records
+
+    try:
+        records = iter_json_records(path)
+    except DataFormatError as exc:
+        raise DataFileError(str(exc)) from None
+    for line, record in records:
+        if not isinstance(record, dict):
+            raise DataFileError(f"{path}:{line}: expected a JSON object per record, got {type(record).__name__}")
+    return records
+
+
+def read_columns(path: str | Path, source_column: str, target_column: str) -> list[NLGExample]:
+    """Your own data: the rows of a JSON-lines (``.jsonl``, or ``.json`` holding JSON lines or one list of records)
+    or CSV (``.csv``) file, ``source_column`` the input and ``target_column`` its reference. Rows with the same source
+    are one example with several references (as the benchmarks' test sets are scored)."""
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise DataFileError(f"{path}: with source_column set, data files must be JSON lines (.jsonl / .json) or CSV "
+                            f"(.csv), got '{path.suffix}'")
+    if not path.is_file():
+        raise DataFileError(f"data file not found: {path}")
+    rows = []
+    for line, record in _rows(path):
+        where = f"{path}:{line}"
+        missing = [c for c in (source_column, target_column) if c not in record]
+        if missing:
+            raise DataFileError(f"{where}: no column {', '.join(repr(c) for c in missing)} (the record has "
+                                f"{', '.join(map(repr, record))}); set source_column / target_column to yours")
+        rows.append((_text(record[source_column], source_column, where),
+                     _text(record[target_column], target_column, where), None))
+    if not rows:
+        raise DataFileError(f"{path}: no records")
+    return _group(rows)
+
+
+def load_hub_columns(hub_name: str, split: str, source_column: str, target_column: str) -> list[NLGExample]:
+    """Your own data from a Hugging Face ``datasets`` name (needs internet): ``split``'s rows as :func:`read_columns`
+    reads a file's."""
+    from datasets import load_dataset
+
+    data = load_dataset(hub_name, split=split)
+    missing = [c for c in (source_column, target_column) if c not in data.column_names]
+    if missing:
+        raise DataFileError(f"{hub_name} ({split}): no column {', '.join(map(repr, missing))} (it has "
+                            f"{', '.join(map(repr, data.column_names))}); set source_column / target_column")
+    where = f"{hub_name} ({split})"
+    return _group((_text(r[source_column], source_column, where), _text(r[target_column], target_column, where), None)
+                  for r in data)
+
+
 def training_pairs(examples: Sequence[NLGExample]) -> list[tuple[str, str]]:
     """One (source, reference) pair per reference."""
     return [(ex.source, ref) for ex in examples for ref in ex.references]

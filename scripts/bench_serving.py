@@ -27,7 +27,6 @@ Writes Markdown (printed and ``<out>.md``), JSON (``--out``) and a PNG of tokens
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import datetime
@@ -40,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
 from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
 
 VARIANTS = ("nola", "lora", "merged")
@@ -321,23 +322,33 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="SmolLM2 only, (B, D) in ((1, 1), (16, 16)), N=10, 3 rounds: a few minutes")
-    parser.add_argument("--models", nargs="+", default=["smollm2", "gpt2-medium"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16, 32])
-    parser.add_argument("--distinct", nargs="+", type=int, default=[1, 4, 16, 32])
-    parser.add_argument("--memory_adapters", nargs="+", type=int, default=[1, 100, 1000])
-    parser.add_argument("--new_tokens", type=int, default=16)
-    parser.add_argument("--prompt_len", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--memory_methods", nargs="+", default=["nola", "lora"], choices=["nola", "lora"])
-    parser.add_argument("--skip_memory", action="store_true")
-    parser.add_argument("--out", default="outputs/bench_serving.json")
-    parser.add_argument("--_memory_worker", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class Options:
+    """python scripts/bench_serving.py options."""
+
+    quick: bool = field(default=False, metadata={"help": (
+        "SmolLM2 only, (B, D) in ((1, 1), (16, 16)), N=10, 3 rounds, 8 new tokens after 8: a few minutes.")})
+    models: list[str] = field(default_factory=lambda: ["smollm2", "gpt2-medium"], metadata={
+        "choices": ["smollm2", "gpt2-medium"], "help": "Models to measure."})
+    batches: list[int] = field(default_factory=lambda: [1, 8, 16, 32], metadata={"help": "Batch sizes B."})
+    distinct: list[int] = field(default_factory=lambda: [1, 4, 16, 32], metadata={"help": (
+        "Distinct adapters D per batch (only D <= B is measured).")})
+    memory_adapters: list[int] = field(default_factory=lambda: [1, 100, 1000], metadata={"help": (
+        "Adapter counts N loaded for the resident-memory measurement.")})
+    new_tokens: int = field(default=16, metadata={"help": "Tokens generated per decode (no end-of-sequence stop)."})
+    prompt_len: int = field(default=16, metadata={"help": "Prompt tokens before decoding."})
+    reps: int = field(default=5, metadata={"help": "Interleaved rounds per configuration."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+    memory_methods: list[str] = field(default_factory=lambda: ["nola", "lora"], metadata={
+        "choices": ["nola", "lora"], "help": "Methods whose resident memory is measured."})
+    skip_memory: bool = field(default=False, metadata={"help": "Skip the resident-memory measurement."})
+    out: str = field(default="outputs/bench_serving.json", metadata={"help": (
+        "Where the JSON goes; the Markdown (<out>.md) and the PNG go beside it.")})
+    _memory_worker: list[str] | None = field(default=None, metadata={"hidden": True, "help": "Internal: a child."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_script_args(Options, argv, "python scripts/bench_serving.py [--quick] [--key value ...]", __doc__)
     if args._memory_worker:
         memory_worker(args._memory_worker[0], args._memory_worker[1], [int(n) for n in args._memory_worker[2:]])
         return

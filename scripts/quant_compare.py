@@ -18,7 +18,6 @@ Writes ``results.json`` and ``results.md`` in ``--output_dir``. About 6 minutes 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -26,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ import peft_nola  # noqa: E402
 from peft_nola import GPT2_QV_SLICES, NolaConfig  # noqa: E402
 from peft_nola import lora_quantization_aware, quantize_coefficients, quantize_lora  # noqa: E402
 from peft_nola.quantization import SCHEMES  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
+from recipes.paths import default_data_root  # noqa: E402
 from recipes.results import markdown_table, write_results  # noqa: E402
 from recipes.training import peak_memory_bytes  # noqa: E402
 
@@ -45,27 +47,34 @@ PTQ_BITS = (16, 8, 4, 3, 2)
 QAT_BITS = (3, 2)
 
 
+@dataclass
+class Options:
+    """python scripts/quant_compare.py options."""
+
+    data_dir: Path = field(default_factory=default_data_root, metadata={"help": (
+        "The data root holding e2e/ and gpt2_tokenizer/ ($PEFT_NOLA_DATA_DIR, else ../shared/data).")})
+    output_dir: Path = field(default=REPO_ROOT / "runs" / "quant_compare", metadata={"help": (
+        "Folder for results.json and results.md.")})
+    pretrain_lines: int = field(default=3000, metadata={"help": "E2E train.txt lines the base LM is trained on."})
+    adapt_lines: int = field(default=1500, metadata={"help": "Further train.txt lines the adapters are trained on."})
+    eval_lines: int = field(default=400, metadata={"help": "valid.txt lines scored."})
+    n_embd: int = field(default=64, metadata={"help": "Width of the small GPT-2 base LM."})
+    n_layer: int = field(default=4, metadata={"help": "Layers of the small GPT-2 base LM."})
+    pretrain_epochs: float = field(default=1.0, metadata={"help": "Epochs of base-LM training."})
+    adapt_epochs: float = field(default=2.0, metadata={"help": "Epochs of adapter training."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch."})
+    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_lr: float = field(default=3e-3, metadata={"help": "LoRA learning rate."})
+    nola_r: int = field(default=4, metadata={"help": "NOLA rank."})
+    num_basis: int = field(default=256, metadata={"help": "NOLA's k = l."})
+    nola_lr: float = field(default=2e-2, metadata={"help": "NOLA learning rate."})
+    seed: int = field(default=0, metadata={"help": "Seed of model init, data order and adapters."})
+    threads: int = field(default_factory=lambda: int(os.environ.get("OMP_NUM_THREADS", "1")), metadata={"help": (
+        "torch threads ($OMP_NUM_THREADS, else 1).")})
+
+
 def parse_args(argv=None):
-    default_data = Path(os.environ.get("PEFT_NOLA_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", type=Path, default=default_data)
-    p.add_argument("--output_dir", type=Path, default=REPO_ROOT / "runs" / "quant_compare")
-    p.add_argument("--pretrain_lines", type=int, default=3000, help="train.txt lines for the base LM")
-    p.add_argument("--adapt_lines", type=int, default=1500, help="further train.txt lines for the adapters")
-    p.add_argument("--eval_lines", type=int, default=400, help="valid.txt lines scored")
-    p.add_argument("--n_embd", type=int, default=64)
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--pretrain_epochs", type=float, default=1.0)
-    p.add_argument("--adapt_epochs", type=float, default=2.0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lora_r", type=int, default=4)
-    p.add_argument("--lora_lr", type=float, default=3e-3)
-    p.add_argument("--nola_r", type=int, default=4)
-    p.add_argument("--num_basis", type=int, default=256, help="k = l for NOLA")
-    p.add_argument("--nola_lr", type=float, default=2e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return p.parse_args(argv)
+    return parse_script_args(Options, argv, "python scripts/quant_compare.py [--key value ...]", __doc__)
 
 
 # ----------------------------------------------------------------------------------------------------------- data

@@ -9,20 +9,27 @@ A comparison run's ``results.json`` (the quickstart) contributes each of its run
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.nlg_report import find_results, plot_params_vs_bleu, tables_markdown  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
+
+
+@dataclass
+class Options:
+    """python scripts/report.py options."""
+
+    paths: list[str] = field(metadata={"positional": True, "help": (
+        "Folders to search for results.json (recursively), or results.json files.")})
+    out: str = field(default="reports/nlg", metadata={"help": "Folder for nlg_tables.md and params_vs_bleu.png."})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="folders to search for results.json, or results.json files")
-    parser.add_argument("--out", default="reports/nlg", help="folder for nlg_tables.md and params_vs_bleu.png")
-    args = parser.parse_args(argv)
+    args = parse_script_args(Options, argv, "python scripts/report.py PATH [PATH ...] [--out FOLDER]", __doc__)
     try:
         results = find_results(args.paths)
     except FileNotFoundError as exc:

@@ -9,15 +9,16 @@ values, and the spectral norm of the difference of the projectors onto the kept 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_nola.svd import top_singular_triplets  # noqa: E402
+from recipes.config import parse_script_args  # noqa: E402
 
 
 def test_matrix(n: int) -> torch.Tensor:
@@ -33,11 +34,17 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--rank", type=int, default=16)
-    args = parser.parse_args()
+@dataclass
+class Options:
+    """python scripts/svd_cost.py options."""
+
+    sizes: list[int] = field(default_factory=lambda: [1024, 4096], metadata={"help": (
+        "Matrix sizes n (each test matrix is n x n).")})
+    rank: int = field(default=16, metadata={"help": "Singular triplets kept (the SVD rank of NoRA's frozen factors)."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_script_args(Options, argv, "python scripts/svd_cost.py [--sizes N [N ...]] [--rank R]", __doc__)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| n x n | method | seconds | max rel. error of kept σ | projector error |\n|---|---|---|---|---|")
     for n in args.sizes:

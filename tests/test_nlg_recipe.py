@@ -3,6 +3,7 @@ smoke run per dataset on real data slices with tiny models built from configs.""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,11 +291,12 @@ def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
     assert resumed["train_steps"] == 3
 
 
-def test_report_builds_tables_sorted_by_parameters_and_a_plot(tmp_path):
+def test_report_builds_tables_sorted_by_parameters_and_a_plot(tmp_path, monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("report", REPO_ROOT / "scripts" / "report.py")
     report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "report", report)  # as an import would: dataclasses read annotations through it
     spec.loader.exec_module(report)
     common = {"recipe": "nlg", "dataset": "e2e", "model": "gpt2-medium", "config": {}, "adapter_bytes": 1,
               "wall_time_s": 1.0, "peak_memory_bytes": 1}
