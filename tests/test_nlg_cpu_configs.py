@@ -29,7 +29,7 @@ def test_cpu_config_parses_validates_and_compares_nola_with_lora(dataset):
 def test_cpu_config_reads_the_shared_data(dataset):
     cfg = load_config(NLGConfig, ["--config", str(CPU_CONFIGS[dataset]), "--data_dir", str(DATA / dataset)])
     try:
-        pairs, test = load_data(cfg)
+        pairs, _, test = load_data(cfg)
     except RecipeError as exc:
         pytest.skip(f"{dataset} data not in {DATA}: {exc}")
     assert len(pairs) == cfg.max_train_pairs and len(test) == cfg.max_test_inputs
