@@ -98,16 +98,16 @@ KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mo
               "basis_store_dtype", "inference_layout_cache", "pinned_field_missing"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
-#: model's dtype. Measured over the fast profile (printed as "worst_relative_error"): float64 <= 5e-16, float32
-#: <= 1.3e-6, float16 <= 1.3e-3 (its eps is 1e-3); the bounds keep a >= 15x margin. The bugs found here moved the
+#: model's dtype. Measured over the fast and slow profiles (printed as "worst_relative_error"): float64 <= 6e-16,
+#: float32 <= 1.3e-6, float16 <= 3.9e-3 (its eps is 1e-3); the bounds keep a >= 5x margin. The bugs found here moved the
 #: logits by 2e-4 (a float16-rounded basis) to 0.6 (another sample's adapter) of their scale.
 OUTPUT_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2}
 #: Gradients of the loss with respect to the trainable tensors, as a fraction of the largest reference gradient
-#: entry of that tensor (measured: float32 <= 1.6e-6, float64 <= 2e-15).
+#: entry of that tensor (measured: float32 <= 1.9e-6, float64 <= 2e-15).
 GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 5e-5}
 #: Merged weights and base weights after unmerge, as a fraction of ``max |W| + max |ΔW|``: one rounding of W + ΔW and
 #: one of the difference in the model's dtype, plus ΔW rounded differently when the dtype changed while merged: 8 unit
-#: roundoffs (measured: float32 <= 1.6e-7 = 2.7 units, float16 <= 4.6e-4 = 0.9 units).
+#: roundoffs (measured: float32 <= 1.6e-7 = 2.7 units, float16 <= 6.2e-4 = 1.3 units).
 UNMERGE_RTOL = {torch.float64: 1e-13, torch.float32: 8 * 2**-24, torch.float16: 8 * 2**-11}
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
