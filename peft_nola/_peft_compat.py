@@ -48,6 +48,17 @@ HOOKS = (
     ("peft.peft_model.PeftModel", "load_adapter"),  # its locals ``model_id``, ``hf_hub_download_kwargs``, ``self``
 )
 
+#: transformers' adapter loader (``model.load_adapter(dir)``, also run by ``AutoModel*.from_pretrained(adapter_dir)``):
+#: it builds the config with ``PeftConfig.from_pretrained``, calls ``inject_adapter_in_model`` (our tuner's
+#: ``inject_adapter``) and then loads the file's raw tensors itself. Its locals ``peft_model_id``, ``load_config``
+#: (``download_kwargs["subfolder"]``), ``adapter_state_dict`` and ``peft_weight_conversions`` (the key renamings it
+#: applies afterwards; a list it extends itself) are read by :func:`transformers_load_adapter_call`.
+TRANSFORMERS_HOOKS = (
+    ("transformers.integrations.peft", "PeftAdapterMixin"),
+    ("transformers.core_model_loading", "WeightRenaming"),
+)
+TRANSFORMERS_LOAD_ADAPTER_LOCALS = ("peft_model_id", "load_config", "adapter_state_dict", "peft_weight_conversions")
+
 
 def private_name(module: str, name: str):
     """``module.name`` from the installed peft, or an ImportError that names it and the fix."""
@@ -112,3 +123,34 @@ def refuse_pickled_save(method_name: str) -> None:
             f"package refuses to load. Call save_pretrained without safe_serialization=False (with the "
             f"Trainer: leave save_safetensors=True)."
         )
+
+
+def transformers_load_adapter_call() -> Optional[dict]:
+    """The local variables of the running ``PeftAdapterMixin.load_adapter`` call of transformers on this thread's
+    stack, or ``None`` (transformers not installed, or not called from it). See :data:`TRANSFORMERS_HOOKS`."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:
+        return None
+    return peft_call_locals(PeftAdapterMixin.load_adapter)
+
+
+def keep_transformers_from_loading(load_adapter_locals: dict, key_pattern: str, adapter_name: str) -> None:
+    """Make the running transformers ``load_adapter`` leave alone the file keys matching the regular expression
+    ``key_pattern`` (matched at the end of a key): the tuner loaded and decoded them already from the bytes that
+    were checked (the packed coefficients of a quantized adapter do not have the parameters' shapes, and transformers'
+    raw copy would fail after the adapter was injected).
+
+    transformers' own list of key renamings is extended, as transformers itself does after injection, with one that
+    sends those keys to a name no module has (its load report then lists them as unexpected and the parameters they
+    decode to as missing, although they were loaded).
+    """
+    from transformers.core_model_loading import WeightRenaming
+
+    conversions = load_adapter_locals.get("peft_weight_conversions")
+    if not isinstance(conversions, list):
+        raise RuntimeError(
+            "peft-nola cannot load this adapter through transformers' load_adapter: the installed transformers no "
+            "longer builds the renaming list it relies on. Load it with peft_nola's PeftModel.from_pretrained."
+        )
+    conversions.insert(0, WeightRenaming(rf"({key_pattern})$", rf"\1.peft_nola_loaded_{adapter_name}"))

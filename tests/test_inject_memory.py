@@ -37,12 +37,7 @@ print("INJECTED")
 """
 
 
-@pytest.mark.parametrize("how", [
-    "plain",
-    pytest.param("state_dict", marks=pytest.mark.xfail(strict=True, reason=NOT_FIXED.format(
-        "inject_adapter_in_model(..., state_dict=...) skips the memory check (peft calls "
-        "_create_and_replace without the tuner's inject_adapter check)"))),
-])
+@pytest.mark.parametrize("how", ["plain", "state_dict"])
 def test_inject_adapter_in_model_refuses_a_huge_adapter_before_allocating(how):
     """Bounded: a subprocess under a 6 GiB address-space cap; 10**12 basis vectors per layer are terabytes."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

@@ -18,6 +18,19 @@ def test_hook_exists(owner, hook):
     assert hasattr(getattr(importlib.import_module(module), cls), hook), f"peft's {owner} no longer has {hook}"
 
 
+@pytest.mark.parametrize("module, name", _peft_compat.TRANSFORMERS_HOOKS, ids=lambda x: str(x))
+def test_transformers_name_exists(module, name):
+    assert hasattr(importlib.import_module(module), name), f"transformers no longer has {module}.{name}"
+
+
+def test_transformers_load_adapter_still_has_the_locals_the_guard_reads():
+    # check_transformers_load/keep_transformers_from_loading read these locals of transformers' load_adapter.
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    names = PeftAdapterMixin.load_adapter.__code__.co_varnames
+    assert set(_peft_compat.TRANSFORMERS_LOAD_ADAPTER_LOCALS) <= set(names)
+
+
 def test_pickled_save_detection_still_sees_peft_s_flag():
     # refuse_pickled_save reads save_pretrained's local variable: peft must still call it safe_serialization.
     from peft import PeftModel

@@ -21,8 +21,10 @@ from ..._peft_compat import (
     AuxiliaryTrainingWrapper,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
+    keep_transformers_from_loading,
     peft_call_locals,
     refuse_pickled_save,
+    transformers_load_adapter_call,
 )
 from ...adapter_files import _DTYPES, FLOAT_DTYPES, AdapterFileError
 from ...basis import layout_fingerprint
@@ -167,6 +169,59 @@ class AdapterLoadChecks:
         if checked is not None:
             expected = self._expected_file_tensors(model, peft_config, targets)
             check_declared_tensors(checked.entries, expected, checked.path / WEIGHTS_NAME)
+
+    # transformers' loaders (model.load_adapter(dir), AutoModel*.from_pretrained(adapter_dir)) build the config with
+    # PeftConfig.from_pretrained (no hook of ours runs), call inject_adapter_in_model, then copy the file's raw tensors
+    # into the model. Our door is inject_adapter: the directory is checked there as PeftModel.from_pretrained checks
+    # it, and the checked tensors are loaded through peft's set_peft_model_state_dict (our load hook: decoding,
+    # checksum of the bytes read, NaN/shape checks) instead of transformers' raw copy.
+
+    def check_transformers_load(self, peft_config: PeftConfig) -> Optional[dict]:
+        """When transformers' ``load_adapter`` is injecting ``peft_config`` from a local directory: run
+        :func:`~peft_nola.checks.check_adapter_dir` on it (tensors read once, after the checks), require the config
+        transformers built to be the checked one, and return the call's locals (``None`` otherwise)."""
+        caller = transformers_load_adapter_call()
+        if caller is None or caller.get("adapter_state_dict") is not None:
+            return None  # a state dict passed in memory: inject_adapter's model checks still run
+        model_id = caller.get("peft_model_id")
+        load_config = caller.get("load_config")
+        subfolder = (getattr(load_config, "download_kwargs", None) or {}).get("subfolder")
+        source = Path(model_id) / (subfolder or "") if model_id is not None else None
+        if source is None or not os.path.lexists(source):
+            raise ValueError(
+                f"peft-nola checks every adapter before loading it and cannot check {model_id!r} (not a local "
+                f"directory) through transformers' load_adapter. Download it first (huggingface_hub.snapshot_download) "
+                f"and pass the local directory."
+            )
+        checked = check_adapter_dir(source, type(peft_config), read_tensors=True)
+        if checked.config.pinned_fields() != peft_config.pinned_fields():
+            raise AdapterFileError(f"{source / CONFIG_NAME} changed while it was being loaded; load it again")
+        for name in ("layout_fingerprint", "basis_fingerprint", "weight_fingerprint"):
+            if getattr(checked.config, name, None) != getattr(peft_config, name, None):
+                raise AdapterFileError(f"{source / CONFIG_NAME} changed while it was being loaded; load it again")
+        peft_config._checked = checked
+        return caller
+
+    def load_for_transformers(self, model: nn.Module, adapter_name: str, peft_config: PeftConfig,
+                              caller: dict) -> None:
+        """Load the tensors :meth:`check_transformers_load` checked into the freshly injected adapter, and keep
+        transformers from copying the file's raw tensors over them."""
+        from peft.utils import set_peft_model_state_dict
+
+        checked = peft_config._checked
+        model.peft_config = self.peft_config  # as peft's BaseTuner sets it right after injection
+        set_peft_model_state_dict(model, checked.tensors, adapter_name=adapter_name)
+        checked.tensors = None
+        # transformers then copies the file's raw tensors over the same parameters: the same values for a float
+        # file (read again); a packed (quantized) one must not be copied.
+        packed = self._packed_key_pattern(peft_config)
+        if packed is not None:
+            keep_transformers_from_loading(caller, packed, adapter_name)
+
+    def _packed_key_pattern(self, peft_config: PeftConfig) -> Optional[str]:
+        """A regular expression for the file keys :meth:`_decode_from_file` turns into other tensors (``None``: the
+        file holds the parameters as they are)."""
+        return None
 
     # peft's save/load hooks (see BaseTuner._get_adapter_state_dict). Methods change how their tensors are stored with
     # _encode_for_file/_decode_from_file; the checksum covers exactly what the file holds.
