@@ -26,7 +26,7 @@ from ..._peft_compat import (
     refuse_pickled_save,
     transformers_load_adapter_call,
 )
-from ...adapter_files import _DTYPES, FLOAT_DTYPES, AdapterFileError
+from ...adapter_files import _DTYPES, FLOAT_DTYPES, AdapterFileError, check_config_writable
 from ...basis import layout_fingerprint
 from ...checks import CheckedAdapter, check_adapter_dir, check_declared_tensors, check_loaded_tensors
 from ...checksums import field_fingerprints, tensors_checksum
@@ -229,6 +229,7 @@ class AdapterLoadChecks:
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         refuse_pickled_save(cls.method_name)
+        check_config_writable(config.to_dict())  # before any file is written: the loader's bounds
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
