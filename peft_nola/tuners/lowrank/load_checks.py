@@ -109,10 +109,15 @@ class AdapterLoadChecks:
                     module, AuxiliaryTrainingWrapper) else module
                 for param, tensor in module.state_dict().items():
                     expected[f"{root}{name}.{param}"] = (tuple(tensor.shape), _dtype_names(tensor.dtype))
-            if config.bias == "all" or (config.bias != "none" and name in target_keys):
+            # A save writes an adapted layer's bias under its wrapper's base_layer ("...c_attn.base_layer.bias");
+            # before injection the layer is still unwrapped here, so its key gets the base_layer it will have.
+            adapted = name in target_keys or (name.endswith(".base_layer") and name[: -len(".base_layer")]
+                                               in target_keys)
+            if config.bias == "all" or (config.bias != "none" and adapted):
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, torch.Tensor) and not isinstance(module, BaseTunerLayer):
-                    expected[f"{root}{name}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
+                    key = f"{name}.base_layer" if name in target_keys else name
+                    expected[f"{root}{key}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
         return expected
 
     def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
@@ -158,9 +163,12 @@ class AdapterLoadChecks:
         return [peft_config.r]
 
     def check_config_fits(self, peft_config: PeftConfig) -> None:
-        """:meth:`_check_targets` for the modules ``peft_config`` adapts in this tuner's model (fingerprints filled
-        in or verified, as on injection); the model is not changed."""
-        self._check_targets(peft_config, self._targeted_modules(self.model, peft_config))
+        """The checks injection runs, for the modules ``peft_config`` adapts in this tuner's model: :meth:`_check_targets`
+        (fingerprints filled in or verified) and, for a config built by a checked load, every tensor its file declares
+        against what a save of it on this model writes. The model is not changed."""
+        targets = self._targeted_modules(self.model, peft_config)
+        self._check_targets(peft_config, targets)
+        self.check_file_against_model(self.model, peft_config, targets)
 
     def check_file_against_model(self, model: nn.Module, peft_config: PeftConfig, targets) -> None:
         """Loading: every tensor the checked file declares against what ``model`` has a place for (shapes and
@@ -318,7 +326,8 @@ class AdapterLoadChecks:
             raise ValueError(f"{path} holds no {WEIGHTS_NAME}: pass a directory written by save_pretrained")
         if config.modules_to_save or old.modules_to_save:
             raise ValueError("hotswap_adapter does not swap modules_to_save; load the adapter with load_adapter instead")
-        # The fingerprints the saved config records are checked against this base model and filled in (as on load).
+        # As on load: the fingerprints the saved config records are checked against this base model and filled in,
+        # and every tensor the file declares must be one a save of this adapter on this model writes.
         self.check_config_fits(config)
         new_signature, old_signature = self.hotswap_signature(config), self.hotswap_signature(old)
         differences = [key for key in old_signature if new_signature[key] != old_signature[key]]
