@@ -44,7 +44,9 @@ HOOKS = (
     ("peft.tuners.tuners_utils.BaseTunerLayer", "_cast_input_dtype"),
     ("peft.tuners.tuners_utils.BaseTunerLayer", "get_base_weight"),
     ("peft.tuners.tuners_utils.BaseTunerLayer", "set_base_weight"),
-    ("peft.peft_model.PeftModel", "save_pretrained"),  # its local ``safe_serialization``: refuse_pickled_save
+    # its locals ``safe_serialization`` (refuse_pickled_save), ``save_directory`` and ``is_main_process``; it asks
+    # ``peft_config.keys()`` before create_or_update_model_card writes README.md (load_checks._unlink_linked_card)
+    ("peft.peft_model.PeftModel", "save_pretrained"),
     ("peft.peft_model.PeftModel", "load_adapter"),  # its locals ``model_id``, ``hf_hub_download_kwargs``, ``self``
 )
 

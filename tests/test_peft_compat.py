@@ -38,6 +38,17 @@ def test_pickled_save_detection_still_sees_peft_s_flag():
     assert "safe_serialization" in PeftModel.save_pretrained.__code__.co_varnames
 
 
+def test_save_pretrained_asks_for_the_adapter_names_before_writing_the_model_card():
+    # _AdapterConfigs.keys() removes a linked README.md when save_pretrained asks it, before peft writes the card.
+    import inspect
+
+    from peft import PeftModel
+
+    source = inspect.getsource(PeftModel.save_pretrained)
+    assert {"save_directory", "is_main_process"} <= set(PeftModel.save_pretrained.__code__.co_varnames)
+    assert 0 <= source.index("self.peft_config.keys()") < source.index("create_or_update_model_card(")
+
+
 def test_a_missing_name_is_a_clear_import_error():
     with pytest.raises(ImportError, match=r"needs peft\.tuners\.tuners_utils\._no_such_helper, which peft .* does not"):
         _peft_compat.private_name("peft.tuners.tuners_utils", "_no_such_helper")

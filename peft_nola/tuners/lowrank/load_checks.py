@@ -393,6 +393,27 @@ class _AdapterConfigs(dict):
         return present
 
 
+    def keys(self):
+        from peft import PeftModel
+
+        caller = peft_call_locals(PeftModel.save_pretrained, depth=0)  # its first step (selected_adapters)
+        if caller is not None and caller.get("is_main_process", True):
+            _unlink_linked_card(caller.get("save_directory"))
+        return super().keys()
+
+
+def _unlink_linked_card(save_directory) -> None:
+    """Remove a ``README.md`` that is a symbolic link from the directory ``PeftModel.save_pretrained`` is about to
+    write: peft's ``create_or_update_model_card`` runs before any hook of a tuner and would load and write the card
+    through the link (changing the file it points to, perhaps outside the adapter, and copying its text into the
+    card that ``push_to_hub`` uploads). The link is removed, never the file it points to; a fresh card is written."""
+    if save_directory is None:
+        return
+    card = Path(save_directory) / "README.md"
+    if card.is_symlink():
+        card.unlink()
+
+
 def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_name: str) -> CheckedAdapter:
     """Check the adapter directory ``path`` for loading into the existing adapter ``adapter_name`` of ``peft_model``
     (a ``PeftModel`` with a NOLA/NoRA adapter of that name), before anything is read into the model.
