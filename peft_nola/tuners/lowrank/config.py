@@ -26,8 +26,8 @@ def require_int(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if len(str(abs(value))) > MAX_INT_DIGITS:
-        raise ValueError(f"{name} must have at most {MAX_INT_DIGITS} digits (adapter loading refuses longer "
-                         f"integers), got {value}")
+        raise ValueError(f"{name} must be an integer of at most {MAX_INT_DIGITS} digits (adapter loading refuses "
+                         f"longer integers), got one of {len(str(abs(value)))} digits")
 
 
 def require_probability(name: str, value: Any) -> None:

@@ -218,7 +218,12 @@ class AdapterLoadChecks:
 
         checked = peft_config._checked
         model.peft_config = self.peft_config  # as peft's BaseTuner sets it right after injection
-        set_peft_model_state_dict(model, checked.tensors, adapter_name=adapter_name)
+        # peft finds a modules_to_save tensor by the module's name in the model it is given (here the transformers
+        # model, whose names lack the file's "base_model.model." root); the adapter's own tensors keep the file's keys,
+        # which the load hook verifies against the checked bytes.
+        tensors = {key if f".{self.prefix}" in key else key.removeprefix(KEY_PREFIX): value
+                   for key, value in checked.tensors.items()}
+        set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
         checked.tensors = None
         # transformers then copies the file's raw tensors over the same parameters: the same values for a float
         # file (read again); a packed (quantized) one must not be copied.
