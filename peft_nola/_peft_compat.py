@@ -55,11 +55,10 @@ HOOKS = (
 #: ``inject_adapter``) and then loads the file's raw tensors itself. Its locals ``peft_model_id``, ``load_config``
 #: (``download_kwargs["subfolder"]``), ``adapter_state_dict`` and ``peft_weight_conversions`` (the key renamings it
 #: applies afterwards; a list it extends itself) are read by :func:`transformers_load_adapter_call`.
-TRANSFORMERS_HOOKS = (
-    ("transformers.integrations.peft", "PeftAdapterMixin"),
-    ("transformers.core_model_loading", "WeightRenaming"),
-)
-TRANSFORMERS_LOAD_ADAPTER_LOCALS = ("peft_model_id", "load_config", "adapter_state_dict", "peft_weight_conversions")
+#: ``load_config``, ``peft_weight_conversions`` and ``WeightRenaming`` are what its newer releases (5.25) have; the
+#: subfolder is then read from ``adapter_kwargs``, and a quantized adapter is refused with a clear error, without them.
+TRANSFORMERS_HOOKS = (("transformers.integrations.peft", "PeftAdapterMixin"),)
+TRANSFORMERS_LOAD_ADAPTER_LOCALS = ("peft_model_id", "adapter_state_dict", "adapter_kwargs")
 
 
 def private_name(module: str, name: str):
@@ -145,14 +144,19 @@ def keep_transformers_from_loading(load_adapter_locals: dict, key_pattern: str, 
 
     transformers' own list of key renamings is extended, as transformers itself does after injection, with one that
     sends those keys to a name no module has (its load report then lists them as unexpected and the parameters they
-    decode to as missing, although they were loaded).
+    decode to as missing, although they were loaded). ``key_pattern=None`` only checks that this is possible.
     """
-    from transformers.core_model_loading import WeightRenaming
-
+    try:
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        WeightRenaming = None
     conversions = load_adapter_locals.get("peft_weight_conversions")
-    if not isinstance(conversions, list):
+    if WeightRenaming is None or not isinstance(conversions, list):
         raise RuntimeError(
-            "peft-nola cannot load this adapter through transformers' load_adapter: the installed transformers no "
-            "longer builds the renaming list it relies on. Load it with peft_nola's PeftModel.from_pretrained."
+            "peft-nola cannot load this quantized adapter through the installed transformers' load_adapter (it has no "
+            "list of key renamings to keep its raw copy of the packed coefficients out). Load it with "
+            "PeftModel.from_pretrained(base_model, adapter_dir), or upgrade transformers (5.25 is tested)."
         )
+    if key_pattern is None:
+        return  # only asked whether it can
     conversions.insert(0, WeightRenaming(rf"({key_pattern})$", rf"\1.peft_nola_loaded_{adapter_name}"))

@@ -24,7 +24,7 @@ def test_transformers_name_exists(module, name):
 
 
 def test_transformers_load_adapter_still_has_the_locals_the_guard_reads():
-    # check_transformers_load/keep_transformers_from_loading read these locals of transformers' load_adapter.
+    # check_transformers_load reads these locals of transformers' load_adapter (see TRANSFORMERS_HOOKS).
     from transformers.integrations.peft import PeftAdapterMixin
 
     names = PeftAdapterMixin.load_adapter.__code__.co_varnames

@@ -193,7 +193,8 @@ class AdapterLoadChecks:
             return None  # a state dict passed in memory: inject_adapter's model checks still run
         model_id = caller.get("peft_model_id")
         load_config = caller.get("load_config")
-        subfolder = (getattr(load_config, "download_kwargs", None) or {}).get("subfolder")
+        subfolder = ((getattr(load_config, "download_kwargs", None) or caller.get("adapter_kwargs") or {})
+                     .get("subfolder"))
         source = Path(model_id) / (subfolder or "") if model_id is not None else None
         if source is None or not os.path.lexists(source):
             raise ValueError(
@@ -207,6 +208,8 @@ class AdapterLoadChecks:
         for name in ("layout_fingerprint", "basis_fingerprint", "weight_fingerprint"):
             if getattr(checked.config, name, None) != getattr(peft_config, name, None):
                 raise AdapterFileError(f"{source / CONFIG_NAME} changed while it was being loaded; load it again")
+        if self._packed_key_pattern(peft_config) is not None:
+            keep_transformers_from_loading(caller, None, "")  # refuses now, before injection, if it cannot later
         peft_config._checked = checked
         return caller
 
