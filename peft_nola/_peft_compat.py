@@ -44,9 +44,21 @@ HOOKS = (
     ("peft.tuners.tuners_utils.BaseTunerLayer", "_cast_input_dtype"),
     ("peft.tuners.tuners_utils.BaseTunerLayer", "get_base_weight"),
     ("peft.tuners.tuners_utils.BaseTunerLayer", "set_base_weight"),
-    ("peft.peft_model.PeftModel", "save_pretrained"),  # its local ``safe_serialization``: refuse_pickled_save
+    # its locals ``safe_serialization`` (refuse_pickled_save), ``save_directory`` and ``is_main_process``; it asks
+    # ``peft_config.keys()`` before create_or_update_model_card writes README.md (load_checks._unlink_linked_card)
+    ("peft.peft_model.PeftModel", "save_pretrained"),
     ("peft.peft_model.PeftModel", "load_adapter"),  # its locals ``model_id``, ``hf_hub_download_kwargs``, ``self``
 )
+
+#: transformers' adapter loader (``model.load_adapter(dir)``, also run by ``AutoModel*.from_pretrained(adapter_dir)``):
+#: it builds the config with ``PeftConfig.from_pretrained``, calls ``inject_adapter_in_model`` (our tuner's
+#: ``inject_adapter``) and then loads the file's raw tensors itself. Its locals ``peft_model_id``, ``load_config``
+#: (``download_kwargs["subfolder"]``), ``adapter_state_dict`` and ``peft_weight_conversions`` (the key renamings it
+#: applies afterwards; a list it extends itself) are read by :func:`transformers_load_adapter_call`.
+#: ``load_config``, ``peft_weight_conversions`` and ``WeightRenaming`` are what its newer releases (5.25) have; the
+#: subfolder is then read from ``adapter_kwargs``, and a quantized adapter is refused with a clear error, without them.
+TRANSFORMERS_HOOKS = (("transformers.integrations.peft", "PeftAdapterMixin"),)
+TRANSFORMERS_LOAD_ADAPTER_LOCALS = ("peft_model_id", "adapter_state_dict", "adapter_kwargs")
 
 
 def private_name(module: str, name: str):
@@ -112,3 +124,39 @@ def refuse_pickled_save(method_name: str) -> None:
             f"package refuses to load. Call save_pretrained without safe_serialization=False (with the "
             f"Trainer: leave save_safetensors=True)."
         )
+
+
+def transformers_load_adapter_call() -> Optional[dict]:
+    """The local variables of the running ``PeftAdapterMixin.load_adapter`` call of transformers on this thread's
+    stack, or ``None`` (transformers not installed, or not called from it). See :data:`TRANSFORMERS_HOOKS`."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:
+        return None
+    return peft_call_locals(PeftAdapterMixin.load_adapter)
+
+
+def keep_transformers_from_loading(load_adapter_locals: dict, key_pattern: str, adapter_name: str) -> None:
+    """Make the running transformers ``load_adapter`` leave alone the file keys matching the regular expression
+    ``key_pattern`` (matched at the end of a key): the tuner loaded and decoded them already from the bytes that
+    were checked (the packed coefficients of a quantized adapter do not have the parameters' shapes, and transformers'
+    raw copy would fail after the adapter was injected).
+
+    transformers' own list of key renamings is extended, as transformers itself does after injection, with one that
+    sends those keys to a name no module has (its load report then lists them as unexpected and the parameters they
+    decode to as missing, although they were loaded). ``key_pattern=None`` only checks that this is possible.
+    """
+    try:
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        WeightRenaming = None
+    conversions = load_adapter_locals.get("peft_weight_conversions")
+    if WeightRenaming is None or not isinstance(conversions, list):
+        raise RuntimeError(
+            "peft-nola cannot load this quantized adapter through the installed transformers' load_adapter (it has no "
+            "list of key renamings to keep its raw copy of the packed coefficients out). Load it with "
+            "PeftModel.from_pretrained(base_model, adapter_dir), or upgrade transformers (5.25 is tested)."
+        )
+    if key_pattern is None:
+        return  # only asked whether it can
+    conversions.insert(0, WeightRenaming(rf"({key_pattern})$", rf"\1.peft_nola_loaded_{adapter_name}"))

@@ -28,6 +28,38 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_JSON_DEPTH = 32
 #: Digits of a JSON integer (a tensor dimension or byte offset of 10**30 is already absurd).
 MAX_INT_DIGITS = 30
+
+
+def check_config_writable(config_dict: dict) -> None:
+    """Raise ``ValueError`` naming the field when ``config_dict`` (what ``adapter_config.json`` would hold) breaks a
+    bound the loader enforces (:data:`MAX_CONFIG_BYTES`, :data:`MAX_INT_DIGITS`): run before a save writes anything,
+    so that no save produces a directory the loader refuses."""
+
+    def walk(name, value):
+        if isinstance(value, int) and not isinstance(value, bool) and len(str(abs(value))) > MAX_INT_DIGITS:
+            raise ValueError(f"{name} = {value} has more than {MAX_INT_DIGITS} digits, which adapter loading refuses "
+                             f"(a JSON integer that large is not a real setting); use a smaller value")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{name}[{key!r}]", item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                walk(f"{name}[...]", item)
+
+    for key, value in config_dict.items():
+        walk(key, value)
+    import json
+
+    size = len(json.dumps(config_dict, default=str).encode())
+    if size > MAX_CONFIG_BYTES:
+        largest = max(config_dict, key=lambda k: len(json.dumps(config_dict[k], default=str)))
+        raise ValueError(
+            f"adapter_config.json would take {size} bytes, more than the {MAX_CONFIG_BYTES} that adapter loading "
+            f"accepts; its largest field is {largest!r}. Shorten it (e.g. set model.name_or_path / "
+            f"config.base_model_name_or_path to a short name or path) before saving."
+        )
+
+
 #: Bytes read at a time when hashing and scanning tensor data: memory stays bounded whatever the file declares.
 CHUNK_BYTES = 1 << 22
 

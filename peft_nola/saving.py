@@ -69,7 +69,10 @@ def _save_lock(destination: Path):
 def _save_staged(model, destination: Path, kwargs: dict) -> None:
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination))
     try:
-        if (destination / "README.md").is_file():
+        # A README.md that is a link (to a file outside the adapter, perhaps private) is not the card: it is neither
+        # read nor written through; the rename below replaces the link itself.
+        card = destination / "README.md"
+        if card.is_file() and not card.is_symlink():
             shutil.copy2(destination / "README.md", staging / "README.md")
         model.save_pretrained(str(staging), **kwargs)
         written = sorted(path for path in staging.rglob("*") if path.is_file())

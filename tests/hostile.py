@@ -37,6 +37,7 @@ DOCUMENTED = (
     "which is not JSON", "not a peft-nola method", "has no 'peft_type'", "exponential", "unbounded repetitions",
     "would need", "larger than", "does not exist", "but no adapter_model", "cannot be opened", "belongs to another",
     "not divisible", "exceeds the rank", "not the weights it was trained on",
+    "Cannot hotswap", "does not swap modules_to_save", "holds no adapter_config.json", "holds no adapter_model",
 )
 
 
@@ -52,9 +53,12 @@ def make_valid_adapters(root: Path) -> None:
 
     from .conftest import tiny_llama
 
+    tiny_llama().save_pretrained(root / "base")  # for AutoModelForCausalLM.from_pretrained(adapter_dir)
     for kind, config in BASES.items():
         torch.manual_seed(0)
-        model = get_peft_model(tiny_llama(), config(NolaConfig, NoraConfig))
+        base = tiny_llama()
+        base.name_or_path = str(root / "base")
+        model = get_peft_model(base, config(NolaConfig, NoraConfig))
         model.save_pretrained(root / kind)
 
 
@@ -437,10 +441,25 @@ CASES = [
 ]
 
 
+#: Every way into the library that reads an adapter directory, and the path of CASES' expectations it shares:
+#: "existing"-like paths replace the values of an adapter already in the model (peft reads no config first).
+DOORS = {
+    "pretrained": "pretrained",  # PeftModel.from_pretrained(base, dir)
+    "new": "pretrained",  # PeftModel.load_adapter(dir, new name)
+    "existing": "existing",  # PeftModel.load_adapter(dir, existing name): Trainer's resume
+    "tf-load-adapter": "pretrained",  # transformers: base.load_adapter(dir)
+    "tf-auto": "pretrained",  # transformers: AutoModelForCausalLM.from_pretrained(dir)
+    "inject": "pretrained",  # PeftConfig.from_pretrained(dir); inject_adapter_in_model; set_peft_model_state_dict
+    "inject-state-dict": "pretrained",  # the same, with inject_adapter_in_model(..., state_dict=...)
+    "hotswap": "existing",  # peft_nola.hotswap_adapter(model, dir)
+    "export": "pretrained",  # peft_nola.export_lora(dir, out, base_model=...), the CLI's function
+}
+
+
 def expected_outcome(case, path: str) -> str:
-    """``path``: "pretrained", "existing", or "new" (load_adapter onto a new name, which loads like "pretrained")."""
+    """``path``: one of :data:`DOORS` (e.g. "new", load_adapter onto a new name, loads like "pretrained")."""
     expected = case[3]
-    return expected if isinstance(expected, str) else expected["pretrained" if path == "new" else path]
+    return expected if isinstance(expected, str) else expected[DOORS.get(path, path)]
 
 
 # ------------------------------------------------------------------------------------------------------ the worker
@@ -470,26 +489,22 @@ def run_case(root: Path, name: str, path: str, references: dict) -> tuple[str, s
     base = tiny_llama()
     before = state(base)
     model = None
+    fresh = path in ("pretrained", "tf-load-adapter", "tf-auto", "inject", "inject-state-dict", "export")
     try:
-        if path == "pretrained":
-            model = PeftModel.from_pretrained(base, str(directory))
-        else:
-            model = PeftModel.from_pretrained(base, str(root / kind))
-            before = state(model)
-            model.load_adapter(str(directory), "default" if path == "existing" else "other")
-            if path == "new":
-                model.set_adapter("other")
+        model = _load_through(path, base, directory, root / kind, work)
     except BaseException as error:  # noqa: BLE001 - the outcome is what is measured
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
         message = f"{type(error).__name__}: {error}"[:400]
-        if path == "pretrained":
+        if fresh:
             untouched = not any(isinstance(m, BaseTunerLayer) for m in base.modules()) and same(before, state(base))
         else:  # the model and its adapter as they were; with "new", no trace of the refused adapter
-            untouched = same(before, state(model)) and "other" not in model.peft_config
+            model = _existing_model[0]
+            untouched = same(_existing_model[1], state(model)) and "other" not in model.peft_config
         from peft_nola.checks import AdapterFileError
+        from peft_nola.errors import ExportError
 
-        documented = isinstance(error, AdapterFileError) or (
+        documented = isinstance(error, (AdapterFileError, ExportError)) or (
             isinstance(error, (ValueError, TypeError, MemoryError)) and _raised_by_plugin(error)
             and any(phrase in str(error) for phrase in DOCUMENTED))
         if documented:
@@ -498,10 +513,60 @@ def run_case(root: Path, name: str, path: str, references: dict) -> tuple[str, s
             return "refused-by-peft", message
         return f"raw:{type(error).__name__}", message
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if path != "export":
+            shutil.rmtree(work, ignore_errors=True)
     with torch.no_grad():
         logits = model(ids).logits
+    if path == "export":  # a LoRA of the same update: equal up to float32 rounding, not bit for bit
+        shutil.rmtree(work, ignore_errors=True)
+        return ("identical" if torch.allclose(logits, references[kind], rtol=1e-4, atol=1e-5) else "different"), ""
     return ("identical" if torch.equal(logits, references[kind]) else "different"), ""
+
+
+_existing_model = [None, None]  # (model, its state before the call) of the paths that load into an existing adapter
+
+
+def _load_through(path: str, base, directory: Path, valid: Path, work: Path):
+    """The model that ``path`` (one of :data:`DOORS`) gives for the adapter ``directory``; ``valid``: the unmutated
+    adapter of the same kind (the existing adapter of the "existing"-like paths)."""
+    from peft import PeftConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if path == "pretrained":
+        return PeftModel.from_pretrained(base, str(directory))
+    if path == "tf-load-adapter":
+        base.load_adapter(str(directory))
+        return base
+    if path == "tf-auto":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(directory))
+    if path in ("inject", "inject-state-dict"):
+        # peft's documented manual flow; the state dict with the model's own names (peft strips the PeftModel root)
+        config = PeftConfig.from_pretrained(str(directory))
+        tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(directory / WEIGHTS)).items()}
+        kwargs = {"state_dict": tensors} if path == "inject-state-dict" else {}
+        inject_adapter_in_model(config, base, **kwargs)
+        set_peft_model_state_dict(base, tensors)
+        return base
+    if path == "export":
+        from peft_nola import export_lora
+
+        from .conftest import tiny_llama
+
+        export_lora(str(directory), work / "lora", base_model=tiny_llama())
+        return PeftModel.from_pretrained(tiny_llama(), str(work / "lora"))
+    model = PeftModel.from_pretrained(base, str(valid))
+    _existing_model[:] = [model, {k: v.clone() for k, v in model.state_dict().items()}]
+    if path == "hotswap":
+        from peft_nola import hotswap_adapter
+
+        hotswap_adapter(model, str(directory), "default")
+        return model
+    model.load_adapter(str(directory), "default" if path == "existing" else "other")
+    if path == "new":
+        model.set_adapter("other")
+    return model
 
 
 def _raised_by_plugin(error: BaseException) -> bool:

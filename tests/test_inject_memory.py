@@ -15,7 +15,6 @@ from peft_nola import NolaConfig, NoraConfig
 from tests.conftest import REPO_ROOT, tiny_llama
 from tests.hostile import UNCHECKED, edit, then
 
-NOT_FIXED = "issue 23: {}; fixed in the library rebuild's next step"
 
 INJECT = """
 import resource, sys
@@ -37,12 +36,7 @@ print("INJECTED")
 """
 
 
-@pytest.mark.parametrize("how", [
-    "plain",
-    pytest.param("state_dict", marks=pytest.mark.xfail(strict=True, reason=NOT_FIXED.format(
-        "inject_adapter_in_model(..., state_dict=...) skips the memory check (peft calls "
-        "_create_and_replace without the tuner's inject_adapter check)"))),
-])
+@pytest.mark.parametrize("how", ["plain", "state_dict"])
 def test_inject_adapter_in_model_refuses_a_huge_adapter_before_allocating(how):
     """Bounded: a subprocess under a 6 GiB address-space cap; 10**12 basis vectors per layer are terabytes."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -52,8 +46,6 @@ def test_inject_adapter_in_model_refuses_a_huge_adapter_before_allocating(how):
         done.stdout[-1000:] + done.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_FIXED.format(
-    "NoraModel._check_targets compares weight_fingerprint with zip(), so [] matches any base"))
 def test_a_nora_adapter_with_an_empty_weight_fingerprint_is_refused_on_another_base(tmp_path):
     torch.manual_seed(0)
     get_peft_model(tiny_llama(seed=0), NoraConfig(r=4, inner_r=2, init_weights=False, target_modules=["q_proj"])
@@ -74,8 +66,6 @@ def save_or_refuse(make, folder):
     return "saved"
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_FIXED.format(
-    "save_pretrained writes a base_model_name_or_path over the loader's 1 MiB config limit (checks.MAX_CONFIG_BYTES)"))
 def test_a_huge_base_model_name_is_refused_on_save_or_loads(tmp_path):
     def make():
         base = tiny_llama()
@@ -86,8 +76,6 @@ def test_a_huge_base_model_name_is_refused_on_save_or_loads(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_FIXED.format(
-    "NolaConfig accepts a 31-digit basis_seed that the loader's integer bound refuses"))
 def test_a_31_digit_basis_seed_is_refused_on_creation_or_loads(tmp_path):
     seed = 10**30
 

@@ -193,9 +193,6 @@ def test_a_readme_link_is_not_read_through(tmp_path):
     assert "<!-- peft-nola card: begin -->" in card_file.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: peft's PeftModel.create_or_update_model_card loads and saves "
-                   "README.md through a link before peft-nola's card code runs; fixed in the library rebuild's "
-                   "next step")
 def test_a_readme_link_target_is_not_written_through(tmp_path):
     outside = tmp_path / "private_notes.md"
     outside.write_text("# notes\n\nSECRET-LINE-4711 must stay on this machine.\n")

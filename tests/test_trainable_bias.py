@@ -9,8 +9,6 @@ from peft import PeftModel, get_peft_model
 from peft_nola import GPT2_QV_SLICES, NolaConfig, hotswap_adapter
 from tests.conftest import tiny_gpt2
 
-NOT_FIXED = ("issue 23: biases are saved as '...c_attn.base_layer.bias' and the load checks expect them elsewhere "
-             "('lacks 2 tensor(s)'); fixed in the library rebuild's next step")
 
 
 def config(bias):
@@ -51,16 +49,8 @@ def load(path, folder):
     return model
 
 
-FAILING_TODAY = {("all", "pretrained"), ("nola_only", "pretrained"), ("nola_only", "load_adapter")}
-
-
-def bias_and_path():
-    return [pytest.param(bias, path, marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=NOT_FIXED)
-                         if (bias, path) in FAILING_TODAY else ())
-            for bias in ("all", "nola_only") for path in ("pretrained", "load_adapter", "transformers")]
-
-
-@pytest.mark.parametrize("bias,path", bias_and_path())
+@pytest.mark.parametrize("bias", ["all", "nola_only"])
+@pytest.mark.parametrize("path", ["pretrained", "load_adapter", "transformers"])
 def test_an_adapter_with_trained_biases_loads_back_through_every_loader(bias, path, ids, tmp_path):
     model, folder = trained(bias, tmp_path)
     with torch.no_grad():
@@ -69,9 +59,6 @@ def test_an_adapter_with_trained_biases_loads_back_through_every_loader(bias, pa
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: hotswap_adapter (peft_nola/hotswap.py) loads the biases that "
-                   "PeftModel.from_pretrained refuses: the two paths do not share the file check; fixed in the library "
-                   "rebuild's next step")
 @pytest.mark.parametrize("bias", ["all", "nola_only"])
 def test_hotswap_refuses_exactly_what_loading_refuses(bias, ids, tmp_path):
     """Same directory, same outcome: loaded by both with the same outputs, or refused by both."""

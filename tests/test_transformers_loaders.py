@@ -13,9 +13,6 @@ from peft_nola import NolaConfig, quantize_coefficients
 from tests.conftest import tiny_llama
 from tests.hostile import UNCHECKED, add_tensor, coef, scale_coefficients, tensors_edit, then
 
-NOT_FIXED = ("issue 23: transformers' loaders skip check_adapter_dir and the load hook; fixed in the library rebuild's "
-             "next step")
-
 
 def nan_coefficient(tensors):
     key = coef(tensors)
@@ -82,7 +79,6 @@ def test_a_valid_adapter_gives_peft_outputs(dirs, ids, loader):
     torch.testing.assert_close(logits(load_through(loader, dirs["nola"], dirs["base"]), ids), reference, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_FIXED + " (a 4-bit adapter: size mismatch after injection)")
 @pytest.mark.parametrize("loader", ["load_adapter", "auto"])
 def test_a_quantized_adapter_loads_with_peft_outputs(dirs, ids, loader):
     base = AutoModelForCausalLM.from_pretrained(dirs["base"])
@@ -91,7 +87,6 @@ def test_a_quantized_adapter_loads_with_peft_outputs(dirs, ids, loader):
     torch.testing.assert_close(got, reference, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_FIXED)
 @pytest.mark.parametrize("loader", ["load_adapter", "auto"])
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_what_peft_refuses_transformers_refuses_and_the_model_is_unchanged(dirs, ids, tmp_path, loader, mutation):

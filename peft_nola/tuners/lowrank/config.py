@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ...adapter_files import MAX_INT_DIGITS, check_config_writable
 from ...checks import check_adapter_dir
 from ...checksums import file_checksum
 from ...constants import WEIGHTS_NAME
@@ -20,9 +21,13 @@ from .geometry import validate_output_slices
 
 
 def require_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ``ValueError`` naming the config field unless ``value`` is an integer >= ``minimum``."""
+    """Raise ``ValueError`` naming the config field unless ``value`` is an integer >= ``minimum`` of at most
+    ``MAX_INT_DIGITS`` digits (the bound adapter loading enforces on every JSON integer)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if len(str(abs(value))) > MAX_INT_DIGITS:
+        raise ValueError(f"{name} must be an integer of at most {MAX_INT_DIGITS} digits (adapter loading refuses "
+                         f"longer integers), got one of {len(str(abs(value)))} digits")
 
 
 def require_probability(name: str, value: Any) -> None:
@@ -213,6 +218,7 @@ class LowRankConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         # PeftModel.save_pretrained writes the weights, then this config: record the checksum of the file just
         # written (every tensor in it), if it is the one this save produced.
+        check_config_writable(self.to_dict())
         pending = self.__dict__.pop("_pending_own_digest", None)
         if pending is not None:
             self.weights_checksum = file_checksum(Path(save_directory) / WEIGHTS_NAME, self, pending)

@@ -21,10 +21,12 @@ from ..._peft_compat import (
     AuxiliaryTrainingWrapper,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
+    keep_transformers_from_loading,
     peft_call_locals,
     refuse_pickled_save,
+    transformers_load_adapter_call,
 )
-from ...adapter_files import _DTYPES, FLOAT_DTYPES, AdapterFileError
+from ...adapter_files import _DTYPES, FLOAT_DTYPES, AdapterFileError, check_config_writable
 from ...basis import layout_fingerprint
 from ...checks import CheckedAdapter, check_adapter_dir, check_declared_tensors, check_loaded_tensors
 from ...checksums import field_fingerprints, tensors_checksum
@@ -107,10 +109,15 @@ class AdapterLoadChecks:
                     module, AuxiliaryTrainingWrapper) else module
                 for param, tensor in module.state_dict().items():
                     expected[f"{root}{name}.{param}"] = (tuple(tensor.shape), _dtype_names(tensor.dtype))
-            if config.bias == "all" or (config.bias != "none" and name in target_keys):
+            # A save writes an adapted layer's bias under its wrapper's base_layer ("...c_attn.base_layer.bias");
+            # before injection the layer is still unwrapped here, so its key gets the base_layer it will have.
+            adapted = name in target_keys or (name.endswith(".base_layer") and name[: -len(".base_layer")]
+                                               in target_keys)
+            if config.bias == "all" or (config.bias != "none" and adapted):
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, torch.Tensor) and not isinstance(module, BaseTunerLayer):
-                    expected[f"{root}{name}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
+                    key = f"{name}.base_layer" if name in target_keys else name
+                    expected[f"{root}{key}.bias"] = (tuple(bias.shape), _dtype_names(bias.dtype))
         return expected
 
     def _check_targets(self, peft_config: PeftConfig, targets: list[tuple[str, nn.Module]]) -> None:
@@ -156,9 +163,12 @@ class AdapterLoadChecks:
         return [peft_config.r]
 
     def check_config_fits(self, peft_config: PeftConfig) -> None:
-        """:meth:`_check_targets` for the modules ``peft_config`` adapts in this tuner's model (fingerprints filled
-        in or verified, as on injection); the model is not changed."""
-        self._check_targets(peft_config, self._targeted_modules(self.model, peft_config))
+        """The checks injection runs, for the modules ``peft_config`` adapts in this tuner's model: :meth:`_check_targets`
+        (fingerprints filled in or verified) and, for a config built by a checked load, every tensor its file declares
+        against what a save of it on this model writes. The model is not changed."""
+        targets = self._targeted_modules(self.model, peft_config)
+        self._check_targets(peft_config, targets)
+        self.check_file_against_model(self.model, peft_config, targets)
 
     def check_file_against_model(self, model: nn.Module, peft_config: PeftConfig, targets) -> None:
         """Loading: every tensor the checked file declares against what ``model`` has a place for (shapes and
@@ -168,12 +178,74 @@ class AdapterLoadChecks:
             expected = self._expected_file_tensors(model, peft_config, targets)
             check_declared_tensors(checked.entries, expected, checked.path / WEIGHTS_NAME)
 
+    # transformers' loaders (model.load_adapter(dir), AutoModel*.from_pretrained(adapter_dir)) build the config with
+    # PeftConfig.from_pretrained (no hook of ours runs), call inject_adapter_in_model, then copy the file's raw tensors
+    # into the model. Our door is inject_adapter: the directory is checked there as PeftModel.from_pretrained checks
+    # it, and the checked tensors are loaded through peft's set_peft_model_state_dict (our load hook: decoding,
+    # checksum of the bytes read, NaN/shape checks) instead of transformers' raw copy.
+
+    def check_transformers_load(self, peft_config: PeftConfig) -> Optional[dict]:
+        """When transformers' ``load_adapter`` is injecting ``peft_config`` from a local directory: run
+        :func:`~peft_nola.checks.check_adapter_dir` on it (tensors read once, after the checks), require the config
+        transformers built to be the checked one, and return the call's locals (``None`` otherwise)."""
+        caller = transformers_load_adapter_call()
+        if caller is None or caller.get("adapter_state_dict") is not None:
+            return None  # a state dict passed in memory: inject_adapter's model checks still run
+        model_id = caller.get("peft_model_id")
+        load_config = caller.get("load_config")
+        subfolder = ((getattr(load_config, "download_kwargs", None) or caller.get("adapter_kwargs") or {})
+                     .get("subfolder"))
+        source = Path(model_id) / (subfolder or "") if model_id is not None else None
+        if source is None or not os.path.lexists(source):
+            raise ValueError(
+                f"peft-nola checks every adapter before loading it and cannot check {model_id!r} (not a local "
+                f"directory) through transformers' load_adapter. Download it first (huggingface_hub.snapshot_download) "
+                f"and pass the local directory."
+            )
+        checked = check_adapter_dir(source, type(peft_config), read_tensors=True)
+        if checked.config.pinned_fields() != peft_config.pinned_fields():
+            raise AdapterFileError(f"{source / CONFIG_NAME} changed while it was being loaded; load it again")
+        for name in ("layout_fingerprint", "basis_fingerprint", "weight_fingerprint"):
+            if getattr(checked.config, name, None) != getattr(peft_config, name, None):
+                raise AdapterFileError(f"{source / CONFIG_NAME} changed while it was being loaded; load it again")
+        if self._packed_key_pattern(peft_config) is not None:
+            keep_transformers_from_loading(caller, None, "")  # refuses now, before injection, if it cannot later
+        peft_config._checked = checked
+        return caller
+
+    def load_for_transformers(self, model: nn.Module, adapter_name: str, peft_config: PeftConfig,
+                              caller: dict) -> None:
+        """Load the tensors :meth:`check_transformers_load` checked into the freshly injected adapter, and keep
+        transformers from copying the file's raw tensors over them."""
+        from peft.utils import set_peft_model_state_dict
+
+        checked = peft_config._checked
+        model.peft_config = self.peft_config  # as peft's BaseTuner sets it right after injection
+        # peft finds a modules_to_save tensor by the module's name in the model it is given (here the transformers
+        # model, whose names lack the file's "base_model.model." root); the adapter's own tensors keep the file's keys,
+        # which the load hook verifies against the checked bytes.
+        tensors = {key if f".{self.prefix}" in key else key.removeprefix(KEY_PREFIX): value
+                   for key, value in checked.tensors.items()}
+        set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+        checked.tensors = None
+        # transformers then copies the file's raw tensors over the same parameters: the same values for a float
+        # file (read again); a packed (quantized) one must not be copied.
+        packed = self._packed_key_pattern(peft_config)
+        if packed is not None:
+            keep_transformers_from_loading(caller, packed, adapter_name)
+
+    def _packed_key_pattern(self, peft_config: PeftConfig) -> Optional[str]:
+        """A regular expression for the file keys :meth:`_decode_from_file` turns into other tensors (``None``: the
+        file holds the parameters as they are)."""
+        return None
+
     # peft's save/load hooks (see BaseTuner._get_adapter_state_dict). Methods change how their tensors are stored with
     # _encode_for_file/_decode_from_file; the checksum covers exactly what the file holds.
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         refuse_pickled_save(cls.method_name)
+        check_config_writable(config.to_dict())  # before any file is written: the loader's bounds
         tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tensors = cls._encode_for_file(config, adapter_name, tensors)
         as_written = {cls._remove_adapter_name_from_key(key, adapter_name): value for key, value in tensors.items()}
@@ -262,7 +334,8 @@ class AdapterLoadChecks:
             raise ValueError(f"{path} holds no {WEIGHTS_NAME}: pass a directory written by save_pretrained")
         if config.modules_to_save or old.modules_to_save:
             raise ValueError("hotswap_adapter does not swap modules_to_save; load the adapter with load_adapter instead")
-        # The fingerprints the saved config records are checked against this base model and filled in (as on load).
+        # As on load: the fingerprints the saved config records are checked against this base model and filled in,
+        # and every tensor the file declares must be one a save of this adapter on this model writes.
         self.check_config_fits(config)
         new_signature, old_signature = self.hotswap_signature(config), self.hotswap_signature(old)
         differences = [key for key in old_signature if new_signature[key] != old_signature[key]]
@@ -326,6 +399,27 @@ class _AdapterConfigs(dict):
             if source is not None and peft_model is not None and (checked is None or checked.path != source):
                 self[name]._checked = check_adapter_for_model(peft_model, source, name)
         return present
+
+
+    def keys(self):
+        from peft import PeftModel
+
+        caller = peft_call_locals(PeftModel.save_pretrained, depth=0)  # its first step (selected_adapters)
+        if caller is not None and caller.get("is_main_process", True):
+            _unlink_linked_card(caller.get("save_directory"))
+        return super().keys()
+
+
+def _unlink_linked_card(save_directory) -> None:
+    """Remove a ``README.md`` that is a symbolic link from the directory ``PeftModel.save_pretrained`` is about to
+    write: peft's ``create_or_update_model_card`` runs before any hook of a tuner and would load and write the card
+    through the link (changing the file it points to, perhaps outside the adapter, and copying its text into the
+    card that ``push_to_hub`` uploads). The link is removed, never the file it points to; a fresh card is written."""
+    if save_directory is None:
+        return
+    card = Path(save_directory) / "README.md"
+    if card.is_symlink():
+        card.unlink()
 
 
 def check_adapter_for_model(peft_model, path: Union[str, os.PathLike], adapter_name: str) -> CheckedAdapter:

@@ -76,12 +76,16 @@ class LowRankTuner(AdapterLoadChecks, BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # Everything that can be checked is checked before the first module is replaced, so that a bad config or
         # an adapter made for another model leaves the user's model untouched.
+        # This runs for every way in: peft's loaders, inject_adapter_in_model (with or without a state_dict: peft
+        # then adapts the modules the state_dict names, a subset of those checked here) and transformers' loaders.
         peft_config = self.peft_config[adapter_name]
-        if kwargs.get("state_dict") is None:
-            targets = self._targeted_modules(model, peft_config)
-            self._check_targets(peft_config, targets)
-            self.check_file_against_model(model, peft_config, targets)
+        from_transformers = self.check_transformers_load(peft_config)
+        targets = self._targeted_modules(model, peft_config)
+        self._check_targets(peft_config, targets)
+        self.check_file_against_model(model, peft_config, targets)
         super().inject_adapter(model, adapter_name, **kwargs)
+        if from_transformers is not None:
+            self.load_for_transformers(model, adapter_name, peft_config, from_transformers)
 
     def _targeted_modules(self, model: nn.Module, peft_config: PeftConfig) -> list[tuple[str, nn.Module]]:
         """The ``(key, base layer)`` pairs ``peft_config`` will adapt, found with peft's own matcher."""

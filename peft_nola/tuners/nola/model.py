@@ -137,6 +137,11 @@ class NolaModel(LowRankTuner):
     def _decode_from_file(cls, config, tensors):
         return unpack_coefficients(tensors, getattr(config, "coefficient_bits", None))
 
+    def _packed_key_pattern(self, peft_config):
+        if getattr(peft_config, "coefficient_bits", None) is None:
+            return None
+        return r"nola_coef_[AB](?:_qheader)?"
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         # Cached bases are regenerated on demand; dropping them all frees the ones no adapter uses any more.

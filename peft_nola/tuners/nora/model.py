@@ -92,4 +92,7 @@ class NoraModel(LowRankTuner):
 
 
 def _close(expected: list, actual: list, tolerances: list) -> bool:
+    # An empty or short list must not match: zip() would compare nothing.
+    if not isinstance(expected, (list, tuple)) or len(expected) != len(actual) or not expected:
+        return False
     return all(abs(a - b) <= tol for a, b, tol in zip(expected, actual, tolerances))
