@@ -67,16 +67,13 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   cached factors. Gate: the replacement is followed by ``train()`` + the previous mode, as above.
 #: - "inference_mode_load": an adapter loaded under ``torch.inference_mode()`` holds inference tensors, and the next
 #:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
-#: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid").
-#:   Gate: every adapter of a mixed batch gets the same number of samples ("__base__" any number).
 #: - "basis_store_dtype" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is keyed by the
 #:   dtype it was made in but cast with the model, so (a) after ``.half()`` then ``.float()`` / ``.double()`` every
 #:   forward uses the float16-rounded basis under the float32 key (~2e-4 of the logits' scale off here, silently), and
 #:   (b) an adapter loaded into the float16 model (peft keeps it in float32) finds that float16 tensor under the float32
 #:   key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA model with a stored basis,
 #:   once cast to float16, is neither cast back nor given a new adapter.
-KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_dtype"}
+KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "basis_store_dtype"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. The reference is float64 and exact up to ~1e-15; a float32 forward of these 2-layer models rounds
@@ -772,18 +769,7 @@ class PeftMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------------------------------- mixed batches
     def layout(self, picks: list[int], base_count: int) -> list[str]:
-        names = [BASE] * base_count + [self.pick(i) for i in picks]
-        if "unequal_segments" in self.known_bugs:
-            used = collections.Counter(n for n in names if n != BASE)
-            if used:
-                size = min(used.values())
-                kept, seen = [], collections.Counter()
-                for n in names:
-                    if n == BASE or seen[n] < size:
-                        kept.append(n)
-                        seen[n] += 1
-                names = kept
-        return names
+        return [BASE] * base_count + [self.pick(i) for i in picks]
 
     def order(self, names: list[str], permutation: list[int]) -> list[str]:
         keyed = sorted(range(len(names)), key=lambda i: permutation[i % len(permutation)] * 100 + i)
@@ -952,9 +938,7 @@ def test_known_bug_loading_under_inference_mode():
         machine.save(which=0, check_load=True, inference=True)
 
 
-@pytest.mark.xfail("unequal_segments" in KNOWN_BUGS, strict=True, raises=(RuntimeError, AssertionError),
-                   reason="issue 23: mixed batches with unequal adapter segments crash or (here) give wrong logits")
-def test_known_bug_mixed_batch_with_unequal_segments():
+def test_mixed_batch_with_unequal_segments_of_issue_23():
     with ungated("unequal_segments") as machine:
         machine.mixed_batch(picks=[0] * 5 + [1] * 4, base_count=0, permutation=[0], mode="no_grad")
 
