@@ -58,8 +58,6 @@ from peft_nola.tuners.lowrank import LowRankLayer
 from .conftest import tiny_gpt2, tiny_llama
 
 #: Bugs of issue 23 the machine steers around until they are fixed (remove a name when its fix lands):
-#: - "interrupt": a KeyboardInterrupt inside a forward leaves the basis combiner's per-forward state set, so later
-#:   forwards serve stale factors. Gate: the interrupted-forward rule does not run.
 #: - "dtype_roundtrip": ``.half()`` then ``.float()`` (or any cast back) with no forward between serves cached factors
 #:   of the old values (storage reused, version counter and dtype equal again). Gate: every cast is followed by
 #:   ``train()`` + the previous mode, which drops every cached factor.
@@ -73,7 +71,7 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   (b) an adapter loaded into the float16 model (peft keeps it in float32) finds that float16 tensor under the float32
 #:   key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA model with a stored basis,
 #:   once cast to float16, is neither cast back nor given a new adapter.
-KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "basis_store_dtype"}
+KNOWN_BUGS = {"dtype_roundtrip", "param_replacement", "inference_mode_load", "basis_store_dtype"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. The reference is float64 and exact up to ~1e-15; a float32 forward of these 2-layer models rounds
@@ -564,7 +562,6 @@ class PeftMachine(RuleBasedStateMachine):
         self.model.train(training)
         self.training = training
 
-    @precondition(lambda self: "interrupt" not in self.known_bugs)
     @rule(mode=st.sampled_from(["grad", "no_grad", "inference"]), layer=st.integers(0, 3), mixed=st.booleans())
     def interrupted_forward(self, mode, layer, mixed):
         """Ctrl-C during a forward: a hook raises ``KeyboardInterrupt`` in an adapted layer; the session goes on."""
@@ -885,9 +882,7 @@ def ungated(bug: str, method: str = "nola", basis_mode: str = "shared", kind: st
         machine.teardown()
 
 
-@pytest.mark.xfail("interrupt" in KNOWN_BUGS, strict=True, raises=AssertionError,
-                   reason="issue 23: an interrupted forward leaves the combiner's per-forward state set")
-def test_known_bug_interrupt_leaves_stale_factors():
+def test_interrupt_of_issue_23_leaves_no_stale_factors():
     with ungated("interrupt") as machine:
         machine.interrupted_forward(mode="no_grad", layer=0, mixed=False)
         machine.outputs_match_reference()  # factors of this forward stay cached: the span never ended

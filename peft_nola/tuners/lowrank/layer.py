@@ -322,7 +322,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        if adapter_names is None and not torch.compiler.is_compiling():  # (refused under compile: see the tuner)
             adapter_names = _ADAPTER_NAMES.get()
         if self.disable_adapters:
             if self.merged:

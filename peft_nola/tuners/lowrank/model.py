@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
+import torch
 from peft.config import PeftConfig
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -138,6 +139,11 @@ class LowRankTuner(AdapterLoadChecks, BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "Mixed-adapter batches (`adapter_names`) are not supported under torch.compile (the assignment is a "
+                "context variable, which torch.compile cannot trace): call the uncompiled model for them."
+            )
         known = set(self.peft_config)
         unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
         if unknown:
