@@ -10,10 +10,6 @@ from peft_nola import NolaConfig, NoraConfig
 from tests.conftest import TinyMLP, assert_mixed_batch_matches_single_adapters, seeded, tiny_llama
 
 D, O, B = "default", "other", "__base__"
-UNEQUAL = ("issue 23: lowrank._sample_layout's identity shortcut (tensor_unless_identity) ignores padding: a gather "
-           "list equal to range(n + 1) drops the padding row (reshape error), a back list equal to range(n) keeps "
-           "the padded rows (index_add_ error); fixed in the library rebuild's next step")
-
 LAYOUTS = {
     "5+4": [D] * 5 + [O] * 4,
     "4+5": [D] * 4 + [O] * 5,
@@ -24,12 +20,6 @@ LAYOUTS = {
     "one-adapter-and-base": [D] * 6 + [B] * 3,
     "3+3+3": [O] * 3 + [D] * 3 + [B] * 3,
 }
-FAILING_TODAY = {"5+4", "3+2+base4", "base-first-2+5"}
-
-
-def layouts():
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=UNEQUAL)
-                         if name in FAILING_TODAY else ()) for name in LAYOUTS]
 
 
 def two_adapters(model, config_fn):
@@ -51,7 +41,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("layout", layouts())
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_llama_mixed_batch_of_any_segments_matches_per_adapter_forwards(kind, layout):
     model = two_adapters(tiny_llama(), CONFIGS[kind](["q_proj", "v_proj"]))
@@ -60,7 +50,7 @@ def test_llama_mixed_batch_of_any_segments_matches_per_adapter_forwards(kind, la
     assert_mixed_batch_matches_single_adapters(model, token_ids, names, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", layouts())
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_mlp_mixed_batch_of_any_segments_matches_per_adapter_forwards(kind, layout):
     model = two_adapters(seeded(TinyMLP), CONFIGS[kind](["lin0", "lin1"]))

@@ -66,8 +66,6 @@ from peft_nola.tuners.lowrank import LowRankLayer
 from .conftest import tiny_gpt2, tiny_llama
 
 #: Bugs of issue 23 the machine steers around until they are fixed (remove a name when its fix lands):
-#: - "interrupt": a KeyboardInterrupt inside a forward leaves the basis combiner's per-forward state set, so later
-#:   forwards serve stale factors. Gate: the interrupted-forward rule does not run.
 #: - "dtype_roundtrip": ``.half()`` then ``.float()`` (or any cast back) with no forward between serves cached factors
 #:   of the old values (storage reused, version counter and dtype equal again). Gate: every cast is followed by
 #:   ``train()`` + the previous mode, which drops every cached factor. (Not reproduced here: it needs the allocator to
@@ -76,9 +74,6 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   cached factors. Gate: the replacement is followed by ``train()`` + the previous mode, as above.
 #: - "inference_mode_load": an adapter loaded under ``torch.inference_mode()`` holds inference tensors, and the next
 #:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
-#: - "unequal_segments": a mixed batch whose adapters have segments of unequal sizes crashes ("shape ... is invalid")
-#:   or, here (NOLA on LLaMA, 5 + 4 samples), silently gives another sample's update to some samples. Gate: every
-#:   adapter of a mixed batch gets the same number of samples ("__base__" any number).
 #: - "basis_store_dtype" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is keyed by the
 #:   dtype it was made in but cast with the model, so (a) after ``.half()`` then ``.float()`` / ``.double()`` every
 #:   forward uses the float16-rounded basis under the float32 key (~2e-4 of the logits' scale off here, silently), and
@@ -94,8 +89,8 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   checkpoint (``coefficient_bits`` set) into an unquantized adapter raises ``KeyError: 'coefficient_bits'`` from
 #:   ``LowRankTuner._check_existing_adapter`` instead of the refusal naming the field (the other way round is refused
 #:   properly). Gate: loads of a quantized checkpoint into an existing unquantized adapter are not tried.
-KNOWN_BUGS = {"interrupt", "dtype_roundtrip", "param_replacement", "inference_mode_load", "unequal_segments",
-              "basis_store_dtype", "inference_layout_cache", "pinned_field_missing"}
+KNOWN_BUGS = {"dtype_roundtrip", "param_replacement", "inference_mode_load", "basis_store_dtype",
+              "inference_layout_cache", "pinned_field_missing"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. Measured over the fast and slow profiles (printed as "worst_relative_error"): float64 <= 6e-16,
@@ -594,7 +589,6 @@ class PeftMachine(RuleBasedStateMachine):
         self.model.train(training)
         self.training = training
 
-    @precondition(lambda self: "interrupt" not in self.known_bugs)
     @rule(mode=st.sampled_from(["grad", "no_grad", "inference"]), layer=st.integers(0, 3), mixed=st.booleans())
     def interrupted_forward(self, mode, layer, mixed):
         """Ctrl-C during a forward: a hook raises ``KeyboardInterrupt`` in an adapted layer; the session goes on."""
@@ -807,18 +801,7 @@ class PeftMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------------------------------- mixed batches
     def layout(self, picks: list[int], base_count: int) -> list[str]:
-        names = [BASE] * base_count + [self.pick(i) for i in picks]
-        if "unequal_segments" in self.known_bugs:
-            used = collections.Counter(n for n in names if n != BASE)
-            if used:
-                size = min(used.values())
-                kept, seen = [], collections.Counter()
-                for n in names:
-                    if n == BASE or seen[n] < size:
-                        kept.append(n)
-                        seen[n] += 1
-                names = kept
-        return names
+        return [BASE] * base_count + [self.pick(i) for i in picks]
 
     def order(self, names: list[str], permutation: list[int]) -> list[str]:
         keyed = sorted(range(len(names)), key=lambda i: permutation[i % len(permutation)] * 100 + i)
@@ -936,9 +919,7 @@ def ungated(bug: str, method: str = "nola", basis_mode: str = "shared", kind: st
         machine.teardown()
 
 
-@pytest.mark.xfail("interrupt" in KNOWN_BUGS, strict=True, raises=AssertionError,
-                   reason="issue 23: an interrupted forward leaves the combiner's per-forward state set")
-def test_known_bug_interrupt_leaves_stale_factors():
+def test_interrupt_of_issue_23_leaves_no_stale_factors():
     with ungated("interrupt") as machine:
         machine.interrupted_forward(mode="no_grad", layer=0, mixed=False)
         machine.outputs_match_reference()  # factors of this forward stay cached: the span never ended
@@ -989,9 +970,7 @@ def test_known_bug_loading_under_inference_mode():
         machine.save(which=0, check_load=True, inference=True)
 
 
-@pytest.mark.xfail("unequal_segments" in KNOWN_BUGS, strict=True, raises=(RuntimeError, AssertionError),
-                   reason="issue 23: mixed batches with unequal adapter segments crash or (here) give wrong logits")
-def test_known_bug_mixed_batch_with_unequal_segments():
+def test_mixed_batch_with_unequal_segments_of_issue_23():
     with ungated("unequal_segments") as machine:
         machine.mixed_batch(picks=[0] * 5 + [1] * 4, base_count=0, permutation=[0], mode="no_grad")
 

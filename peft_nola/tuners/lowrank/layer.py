@@ -15,6 +15,8 @@ blocks can be adapted on a subset ``adapt`` of them; each adapted block ``s`` ha
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import warnings
 from typing import Any, Optional
@@ -34,6 +36,33 @@ from .mixed_batch import FactorGroup, grouped_delta
 # Every adapter created on a layer gets a fresh number: cache entries are keyed by it, so an adapter deleted and
 # loaded again under the same name (possibly into recycled memory) never meets the old adapter's factors.
 _adapter_tokens = itertools.count()
+
+# The adapter assignment of the mixed-batch forward running in this thread (or asyncio task): set around a forward by
+# the tuner (``forward(..., adapter_names=[...])``, see :func:`mixed_batch_assignment`) and read by every layer. A
+# context variable rather than per-call forward hooks on shared modules, which concurrent forwards from several
+# threads would each see.
+_ADAPTER_NAMES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("peft_nola_adapter_names",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def mixed_batch_assignment(adapter_names: list[str]):
+    """While the block runs, in this thread or task only, every NOLA/NoRA layer (and peft's ``modules_to_save``
+    wrappers, through :func:`adapter_names_from_context`) runs sample ``i`` with ``adapter_names[i]``."""
+    token = _ADAPTER_NAMES.set(adapter_names)
+    try:
+        yield
+    finally:
+        _ADAPTER_NAMES.reset(token)
+
+
+def adapter_names_from_context(module, args, kwargs):
+    """Forward pre-hook (``with_kwargs=True``) for modules that take ``adapter_names`` as a keyword (peft's
+    ``AuxiliaryTrainingWrapper``): passes the assignment of the current context, if any."""
+    adapter_names = _ADAPTER_NAMES.get()
+    if adapter_names is None or "adapter_names" in kwargs:
+        return None
+    return args, {**kwargs, "adapter_names": adapter_names}
 
 
 class LowRankLayer(nn.Module, BaseTunerLayer):
@@ -293,6 +322,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None and not torch.compiler.is_compiling():  # (refused under compile: see the tuner)
+            adapter_names = _ADAPTER_NAMES.get()
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

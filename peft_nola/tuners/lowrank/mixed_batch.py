@@ -31,7 +31,7 @@ class SampleLayout:
 
     samples: Optional[torch.Tensor]  # batch positions using the group (None: all, in order)
     gather: Optional[torch.Tensor]  # rows of the segment layout (adapter-major) taken from those samples; n = padding
-    padded: bool
+    padded: bool  # whether a zero row n is appended to the samples before ``gather`` (some segment is padded)
     back: Optional[torch.Tensor]  # row of each sample in the flattened product's output
     slots: Optional[torch.Tensor]  # per-sample adapter index, when segments are not used
 
@@ -61,15 +61,18 @@ def sample_layout(adapter_names: tuple, group_names: tuple, device: torch.device
         for row, j in enumerate(gather):
             if j < n:
                 back[j] = row
-        return SampleLayout(samples, tensor_unless_identity(gather), longest * len(group_names) > n,
-                             tensor_unless_identity(back), None)
+        # With padding the product has more rows than samples: ``back`` must then pick the samples' rows even when
+        # they come first and in order, and the padding row ``n`` is appended even when ``gather`` keeps the order.
+        padded = len(gather) > n
+        return SampleLayout(samples, tensor_unless_identity(gather), padded,
+                            torch.tensor(back, device=device) if padded else tensor_unless_identity(back), None)
     slots = torch.tensor([index[adapter_names[i]] for i in positions], device=device)
     return SampleLayout(samples, None, False, None, slots)
 
 
 def grouped_delta(h: torch.Tensor, adapter_names: list[str], group: FactorGroup, rows: int):
     """``(samples, delta)``: the update of every sample of the batch ``h (batch, ..., cols)`` that uses an adapter of
-    ``group``, sample ``i`` using ``adapter_names[i]``::
+    ``group`` (at least one does), sample ``i`` using ``adapter_names[i]``::
 
         delta_i = ((h_i preᵀ) mids[g_i]ᵀ ups[g_i]ᵀ) postᵀ        g_i = group.names.index(adapter_names[i])
 
@@ -88,9 +91,9 @@ def grouped_delta(h: torch.Tensor, adapter_names: list[str], group: FactorGroup,
         h = h @ group.pre.T  # shared by every adapter of the group: one product for the batch
     tokens, width = h.shape[1], h.shape[2]
     if layout.slots is None:
+        if layout.padded:
+            h = torch.cat([h, h.new_zeros(1, tokens, width)])
         if layout.gather is not None:
-            if layout.padded:
-                h = torch.cat([h, h.new_zeros(1, tokens, width)])
             h = h.index_select(0, layout.gather)
         h = h.reshape(len(group.names), -1, width)
         mids, ups = group.mids, group.ups

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from functools import partial
 
+import torch
 from peft.config import PeftConfig
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -26,7 +26,7 @@ from ..._peft_compat import (
 from .config import require_int
 from .factor_cache import FactorCache
 from .geometry import modules_outside_wrappers
-from .layer import LowRankLayer
+from .layer import LowRankLayer, adapter_names_from_context, mixed_batch_assignment
 from .load_checks import AdapterLoadChecks, _AdapterConfigs
 
 
@@ -42,11 +42,6 @@ def set_factor_cache_budget(model: nn.Module, budget_bytes: int) -> None:
             module.factor_cache.evict()
     if not found:
         raise ValueError("set_factor_cache_budget: the model has no NOLA or NoRA adapters")
-
-
-def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
 
 
 class LowRankTuner(AdapterLoadChecks, BaseTuner):
@@ -148,6 +143,11 @@ class LowRankTuner(AdapterLoadChecks, BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "Mixed-adapter batches (`adapter_names`) are not supported under torch.compile (the assignment is a "
+                "context variable, which torch.compile cannot trace): call the uncompiled model for them."
+            )
         known = set(self.peft_config)
         unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
         if unknown:
@@ -157,15 +157,13 @@ class LowRankTuner(AdapterLoadChecks, BaseTuner):
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        handles = [
-            module.register_forward_pre_hook(
-                partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names), with_kwargs=True
-            )
-            for module in self.modules()
-            if isinstance(module, (LowRankLayer, AuxiliaryTrainingWrapper))
-        ]
-        try:
+        # The assignment lives in a context variable for the length of this call: concurrent calls from other
+        # threads each see their own (peft's LoRA registers per-call hooks on the shared modules, which they all see).
+        # peft's modules_to_save wrappers read adapter_names from their keyword arguments: a pre-hook registered once
+        # per wrapper passes them the current context's assignment.
+        for module in self.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) and not module.__dict__.get("_peft_nola_assignment_hook"):
+                module.register_forward_pre_hook(adapter_names_from_context, with_kwargs=True)
+                module.__dict__["_peft_nola_assignment_hook"] = True
+        with mixed_batch_assignment(adapter_names):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from .layer import NolaLayer
 
 
+class _PerForward:
+    """The combiner's state during one forward pass (or span): the factors built so far, by ``(adapter, grad)``."""
+
+    def __init__(self, by_hook: bool, outer: "_PerForward | None"):
+        self.cache: dict[tuple[str, bool], dict] = {}
+        self.by_hook = by_hook  # opened by the model's forward pre-hook (closed by its forward hook)
+        self.outer = outer  # the state this one replaced, restored when it ends
+
+
 class SharedBasisCombiner:
     """Computes the factors of a model's NOLA layers, one product per basis during each forward pass of the model.
 
@@ -30,30 +40,78 @@ class SharedBasisCombiner:
     forward (merging, checkpoint recomputation during backward, a layer called on its own) each layer is combined on
     its own. Both are the same sums; whether BLAS adds them in the same order for one row as for several depends on
     the CPU's GEMM kernel, so the two agree within float32 rounding (the README's "Exactness"), not bit for bit.
+
+    The per-forward state lives in a context variable, so forwards running at once in several threads each have their
+    own. No state outlives its forward: torch runs forward hooks (even ``always_call`` ones) only when the forward
+    returns or raises an ``Exception``, not on a ``KeyboardInterrupt`` or another ``BaseException``, so
+
+    - ``PeftModel``'s forward and ``generate`` run inside :meth:`guard` (the tuner's ``_enable_peft_forward_hooks``),
+      whose ``finally`` drops whatever an interrupted forward left;
+    - a model with injected adapters and no ``PeftModel`` (``inject_adapter_in_model``, transformers'
+      ``load_adapter``) has no such entry point: the next forward of the model drops the state an interrupted one
+      left (the hooked model never runs inside its own forward), and until then only a NOLA layer's own forward
+      could read it; merging, ``get_delta_weight`` and export never do.
     """
 
-    def __init__(self, store: BufferDict):
+    def __init__(self, store: dict):
         self.store = store
         self.layers: dict[str, list[NolaLayer]] = {}
-        self.depth = 0
-        self.cache: dict[tuple[str, bool], dict] = {}
+        self._state: contextvars.ContextVar[_PerForward | None] = contextvars.ContextVar(
+            f"peft_nola_combiner_{id(self)}", default=None)
+
+        # While torch.compile traces (it cannot trace context variables), the state is a plain attribute: it lives
+        # only during tracing, and the compiled graph runs no Python in between that could be interrupted.
+        self._traced: _PerForward | None = None
+
+    def _current(self) -> "_PerForward | None":
+        return self._traced if torch.compiler.is_compiling() else self._state.get()
+
+    def _set_current(self, state: "_PerForward | None") -> None:
+        if torch.compiler.is_compiling():
+            self._traced = state
+        else:
+            self._state.set(state)
 
     def begin(self, *args, **kwargs) -> None:
-        self.depth += 1
+        """Forward pre-hook of the model: open a forward's state."""
+        outer = self._current()
+        if outer is not None and outer.by_hook:
+            outer = outer.outer  # left by a forward that a BaseException interrupted: dropped
+        self._set_current(_PerForward(by_hook=True, outer=outer))
 
     def end(self, *args, **kwargs) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.cache.clear()  # the autograd graph keeps what backward needs
+        """Forward hook of the model (``always_call``): close the forward's state (the autograd graph keeps what
+        backward needs)."""
+        state = self._current()
+        if state is not None and state.by_hook:
+            self._set_current(state.outer)
 
     @contextlib.contextmanager
     def span(self):
-        """Combine every layer's factors in one product per basis while the block runs (e.g. merging all layers)."""
-        self.begin()
+        """Combine every layer's factors in one product per basis while the block runs (e.g. merging all layers);
+        not for compiled code."""
+        token = self._state.set(_PerForward(by_hook=False, outer=self._state.get()))
         try:
             yield
         finally:
-            self.end()
+            self._state.reset(token)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Drop, when the block exits however it exits, any per-forward state opened inside it."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        token = self._state.set(self._state.get())
+        try:
+            yield
+        finally:
+            self._state.reset(token)
+
+    @property
+    def in_forward(self) -> bool:
+        """Whether a forward pass or span of this combiner is open in the current thread or task."""
+        return self._current() is not None
 
     def register(self, layer: "NolaLayer", adapter_name: str) -> None:
         self.layers.setdefault(adapter_name, []).append(layer)
@@ -61,14 +119,18 @@ class SharedBasisCombiner:
     def unregister(self, layer: "NolaLayer", adapter_name: str) -> None:
         self.layers[adapter_name] = [other for other in self.layers.get(adapter_name, []) if other is not layer]
 
-    def factors(self, layer: "NolaLayer", adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self, layer: "NolaLayer", adapter_names: list[str],
+                from_forward: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(down_flat (S, numel_A), up_flat (S, numel_B))`` of ``layer`` for each of ``adapter_names``; in a
         forward pass every layer's factors of every adapter not yet built are built together (one product per basis
-        for all of them)."""
-        if self.depth == 0:
+        for all of them). ``from_forward``: asked by the layer's forward (else: merging, ``get_delta_weight``, export,
+        which use a model forward's state only inside a :meth:`span`)."""
+        state = self._current()
+        if state is None or (state.by_hook and not from_forward):
             return self._combine_alone(layer, adapter_names)
+        cache = state.cache
         grad = torch.is_grad_enabled()
-        missing = [name for name in adapter_names if (name, grad) not in self.cache]
+        missing = [name for name in adapter_names if (name, grad) not in cache]
         if missing:
             pairs = [(other, name) for name in missing for other in self.layers.get(name, [])]
             if any(_is_shard(other, name) for other, name in pairs):
@@ -77,8 +139,8 @@ class SharedBasisCombiner:
                 return self._combine_alone(layer, adapter_names)
             combined = self._combine(pairs)
             for name in missing:
-                self.cache[name, grad] = {id(other): combined[id(other), name] for other in self.layers.get(name, [])}
-        return [self.cache[name, grad][id(layer)] for name in adapter_names]
+                cache[name, grad] = {id(other): combined[id(other), name] for other in self.layers.get(name, [])}
+        return [cache[name, grad][id(layer)] for name in adapter_names]
 
     def basis(self, seed: int, stream: str, num_basis: int, numel: int, like: torch.Tensor) -> torch.Tensor:
         """The basis of ``stream`` from the store, generated on first use in float32 and cast once.

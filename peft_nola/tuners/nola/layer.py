@@ -114,11 +114,16 @@ class NolaLayer(LowRankLayer):
         return coef_A, coef_B
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._build_factors([adapter_name])[0]
+        # Outside the layer's forward (merging, get_delta_weight, export)
+        return self._shaped([adapter_name], self._combiner.factors(self, [adapter_name], from_forward=False))[0]
 
     def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # The layer's forward
+        return self._shaped(adapter_names, self._combiner.factors(self, adapter_names))
+
+    def _shaped(self, adapter_names: list[str], flat: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shaped = []
-        for name, (down, up) in zip(adapter_names, self._combiner.factors(self, adapter_names)):
+        for name, (down, up) in zip(adapter_names, flat):
             num_blocks, r = down.shape[0], self.basis_spec[name].r
             shaped.append((down.view(num_blocks, r, self.cols), up.view(num_blocks, -1, r)))
         return shaped

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -44,13 +45,21 @@ class NolaModel(LowRankTuner):
             store = BufferDict({}, persistent=False)
             combiner = SharedBasisCombiner(store)
             # Mark each forward of the model (also every step of generate) so layers sharing a basis are combined
-            # in one product per forward; always_call ends the span even when the forward raises.
+            # in one product per forward; always_call ends the forward's state when it raises an Exception (a
+            # KeyboardInterrupt skips forward hooks: see SharedBasisCombiner).
             hooks = [
                 model.register_forward_pre_hook(combiner.begin),
                 model.register_forward_hook(combiner.end, always_call=True),
             ]
             state = model.__dict__[_MODEL_STATE] = (store, combiner, hooks)  # a plain attribute, not a submodule
         self.nola_basis, self.nola_combiner, self._combiner_hooks = state
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel enters this around every forward and generate: the combiner's per-forward state cannot outlive
+        # them, even when a KeyboardInterrupt skips the model's forward hooks.
+        with self.nola_combiner.guard(), super()._enable_peft_forward_hooks(*args, **kwargs):
+            yield
 
     # Merging and unmerging build every layer's ΔW: inside one combiner span each shared basis is read once for all
     # layers instead of once per layer (same bits either way).
