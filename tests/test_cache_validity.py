@@ -18,8 +18,6 @@ CONFIGS = {
                                target_modules=["q_proj", "v_proj"]),
     "nora": lambda: NoraConfig(r=4, inner_r=2, init_weights=False, target_modules=["q_proj", "v_proj"]),
 }
-STAMP = ("issue 23: FactorCache's stamp (version, data_ptr, dtype) is fooled when storage is reused; fixed in the "
-         "library rebuild's next step")
 
 
 @pytest.fixture
@@ -48,13 +46,7 @@ def uncached(model, ids):
         set_factor_cache_budget(model, budget)
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param("nola", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 23: .half() rounds NOLA's basis store (a BufferDict on the model) and .float() keeps the rounded basis "
-        "under its float32 key, so outputs differ from the same coefficients on a fresh model (~1e-4 in the basis); "
-        "fixed in the library rebuild's next step"))),
-    "nora",
-])
+@pytest.mark.parametrize("kind", ["nola", "nora"])
 def test_a_dtype_round_trip_with_no_forward_between_is_seen(kind, ids, tmp_path):
     """After ``.half().float()`` with no forward between, the model computes what the rounded tensors give: for NOLA
     a fresh model with the saved (rounded) coefficients on the same rounded base; for NoRA (whose load refuses a
@@ -74,13 +66,9 @@ def test_a_dtype_round_trip_with_no_forward_between_is_seen(kind, ids, tmp_path)
     assert stale == 0, f"{stale} of 4 trials differ from the rounded tensors' outputs"
 
 
-@pytest.mark.parametrize("kind", [
-    # NOLA: the allocator hands the freed flat vector's address back in about half the trials, so 20 trials fail
-    # today with probability ~1 - 1e-5; NoRA's cached factors are stale in ~1 trial of 12 (allocator-dependent), too
-    # rarely for a strict marker.
-    pytest.param("nola", marks=pytest.mark.xfail(strict=True, reason=STAMP + " (vector_to_parameters twice)")),
-    pytest.param("nora", marks=pytest.mark.xfail(strict=False, reason=STAMP + " (rarely hit with NoRA)")),
-])
+# Before the fix (a stamp of version, address and dtype only) the allocator handed the freed flat vector's address
+# back in about half the NOLA trials (stale factors), and in ~1 of 12 NoRA trials.
+@pytest.mark.parametrize("kind", ["nola", "nora"])
 def test_parameters_replaced_twice_with_no_forward_between_are_seen(kind, ids, tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), CONFIGS[kind]()).eval()
@@ -96,12 +84,7 @@ def test_parameters_replaced_twice_with_no_forward_between_are_seen(kind, ids, t
     assert stale == 0, f"stale factors in {stale} of 20 trials"
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("inference_mode", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "issue 23: the factor cache reads _version of inference tensors ('Inference tensors do not track version "
-        "counter'); fixed in the library rebuild's next step"))),
-    "no_grad",
-])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_load_and_run_under_inference_mode_and_no_grad(kind, mode, ids, tmp_path):
     """The serving pattern: ``with torch.inference_mode(): PeftModel.from_pretrained(...)(ids)``, twice (the second

@@ -156,9 +156,24 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             inputs.append(tensors[adapter_name])
         return inputs
 
-    def _factor_stamp(self, adapter_name: str) -> tuple:
-        # A move to another device or dtype gives the tensor new storage (another address; t.device is slow to read).
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._factor_inputs(adapter_name))
+    def _factor_stamp(self, adapter_name: str) -> Optional[tuple]:
+        """Per tensor the adapter's factors are built from: its in-place version, storage address and dtype (a move to
+        another device or dtype, or a replaced ``.data``, gives it new storage; ``t.device`` is slow to read). None
+        when one is an inference tensor (made under ``torch.inference_mode()``): it has no version counter, so its
+        factors are built at every forward. Sound only with :meth:`_factor_pins` kept alongside (see there)."""
+        stamp = []
+        for t in self._factor_inputs(adapter_name):
+            if t.is_inference():
+                return None
+            stamp.append((t._version, t.data_ptr(), t.dtype))
+        return tuple(stamp)
+
+    def _factor_pins(self, adapter_name: str) -> tuple:
+        """The storages of the tensors a stamp was taken from, kept as long as the factors built from them: while
+        a storage lives its address belongs to it, so a tensor found at a stamped address later is a view of the same
+        storage (whose in-place writes bump the version), never new memory the allocator handed out again (after
+        ``.half().float()`` or parameters replaced twice)."""
+        return tuple(t.untyped_storage() for t in self._factor_inputs(adapter_name))
 
     def _build_factors(self, adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fresh factors of several adapters; methods that can build them together override this."""
@@ -173,14 +188,15 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         found, missing = {}, []
         for name in adapter_names:
             stamp = self._factor_stamp(name)
-            factors = cache.lookup(self._factor_tokens[name], name, stamp)
+            factors = None if stamp is None else cache.lookup(self._factor_tokens[name], name, stamp)
             if factors is None:
                 missing.append((name, stamp))
             else:
                 found[name] = factors
         if missing:
             for (name, stamp), factors in zip(missing, self._build_factors([name for name, _ in missing])):
-                cache.store(self._factor_tokens[name], name, stamp, factors)
+                if stamp is not None:
+                    cache.store(self._factor_tokens[name], name, stamp, factors, pins=self._factor_pins(name))
                 found[name] = factors
         return [found[name] for name in adapter_names]
 
@@ -378,10 +394,13 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         reuse = cache is not None and cache.usable()
         if reuse:
             key = tuple((name, self._factor_tokens[name], self._factor_stamp(name), self.scaling[name]) for name in names)
-            if self._batch_plan is not None and self._batch_plan[0] == key:
-                return self._batch_plan[1]
+            reuse = all(stamp is not None for _, _, stamp, _ in key)
+        plan = self._batch_plan
+        if reuse and plan is not None and plan[0] == key:
+            return plan[1]
         groups = self._stack_factors(names)
-        self._batch_plan = (key, groups) if reuse else None
+        # the plan pins the stamped storages as the factor cache does (see _factor_pins)
+        self._batch_plan = (key, groups, [self._factor_pins(name) for name in names]) if reuse else None
         return groups
 
     def _stack_factors(self, names: list[str]) -> list[FactorGroup]:

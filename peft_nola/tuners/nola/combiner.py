@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..._peft_compat import BufferDict
 from .ops import _BasisCombination, basis_chunks, combine_on_the_fly
 
 try:
@@ -53,7 +52,7 @@ class SharedBasisCombiner:
       could read it; merging, ``get_delta_weight`` and export never do.
     """
 
-    def __init__(self, store: dict):
+    def __init__(self, store: dict[str, torch.Tensor]):
         self.store = store
         self.layers: dict[str, list[NolaLayer]] = {}
         self._state: contextvars.ContextVar[_PerForward | None] = contextvars.ContextVar(
@@ -62,6 +61,16 @@ class SharedBasisCombiner:
         # While torch.compile traces (it cannot trace context variables), the state is a plain attribute: it lives
         # only during tracing, and the compiled graph runs no Python in between that could be interrupted.
         self._traced: _PerForward | None = None
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle of a model: a copy starts outside any forward
+        state = self.__dict__.copy()
+        del state["_state"]
+        state["_traced"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._state = contextvars.ContextVar(f"peft_nola_combiner_{id(self)}", default=None)
 
     def _current(self) -> "_PerForward | None":
         return self._traced if torch.compiler.is_compiling() else self._state.get()
@@ -149,14 +158,14 @@ class SharedBasisCombiner:
         (generating it whole takes ~5x its size in integer scratch).
         """
         key = re.sub(r"[^0-9A-Za-z_/:x-]", "_", f"{seed}/{stream}/{num_basis}/{like.dtype}")
-        if key not in self.store or self.store[key].device != like.device:
-            if key in self.store:
-                del self.store[key]  # the copy on the old device, freed before the new one is built
+        basis = self.store.get(key)
+        if basis is None or basis.device != like.device:
+            self.store.pop(key, None)  # the copy on the old device, freed before the new one is built
             basis = torch.empty(num_basis, numel, dtype=like.dtype, device=like.device)
             for start, rows in basis_chunks(seed, stream, num_basis, numel, like.device, like.dtype):
                 basis[start : start + rows.shape[0]] = rows
             self.store[key] = basis
-        return self.store[key]
+        return basis
 
     def _combine_alone(self, layer: "NolaLayer", adapter_names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``layer``'s factors of each adapter, combined without the other layers."""

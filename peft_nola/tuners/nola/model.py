@@ -5,7 +5,6 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..._peft_compat import BufferDict
 from ...adapter_files import FLOAT_DTYPES, AdapterFileError
 from ...basis import generator_fingerprint
 from ...constants import KEY_PREFIX
@@ -23,9 +22,10 @@ _MODEL_STATE = "_peft_nola_basis_state"  # attribute of an adapted model: (basis
 class NolaModel(LowRankTuner):
     """Injects NOLA adapters into a model; created by ``peft.get_peft_model`` with a :class:`NolaConfig`.
 
-    Holds the shared basis store ``nola_basis``: non-persistent buffers (never in the state dict), generated lazily
-    on the device and in the dtype of the coefficients, and moved with the model by ``.to()`` (a model adapted by
-    ``inject_adapter_in_model`` has no tuner: its store regenerates a basis on the new device at first use).
+    Holds the shared basis store ``nola_basis``: a plain dict of tensors, generated lazily on the device and in the
+    dtype of the coefficients, keyed by seed, stream, size and dtype. Not buffers: ``.half()``, ``.to()`` and the
+    like leave it alone (a cast would round a float32 basis in place and leave it under its float32 key), and it is
+    never in the state dict; a basis is generated again on a new device at first use there, and one per dtype.
     """
 
     prefix = "nola_"
@@ -36,13 +36,13 @@ class NolaModel(LowRankTuner):
     uses_shared_state = False
 
     def _pre_injection_hook(self, model: nn.Module, config: NolaConfig, adapter_name: str) -> None:
-        if "nola_basis" in self._modules:
+        if "nola_basis" in self.__dict__:
             return
         # One store and combiner per model, found on the model itself when a tuner was made for it before: every
         # adapter injected into one model shares them, whichever way it was injected.
         state = model.__dict__.get(_MODEL_STATE)
         if state is None:
-            store = BufferDict({}, persistent=False)
+            store: dict = {}
             combiner = SharedBasisCombiner(store)
             # Mark each forward of the model (also every step of generate) so layers sharing a basis are combined
             # in one product per forward; always_call ends the forward's state when it raises an Exception (a
@@ -154,5 +154,4 @@ class NolaModel(LowRankTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         # Cached bases are regenerated on demand; dropping them all frees the ones no adapter uses any more.
-        for key in list(self.nola_basis):
-            del self.nola_basis[key]
+        self.nola_basis.clear()
