@@ -70,16 +70,6 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   of the old values (storage reused, version counter and dtype equal again). Gate: every cast is followed by
 #:   ``train()`` + the previous mode, which drops every cached factor. (Not reproduced here: it needs the allocator to
 #:   hand the freed storage back; the gate stays so that a reuse cannot make CI flaky.)
-#: - "param_replacement": parameters replaced (``vector_to_parameters``) twice with no forward between serve stale
-#:   cached factors. Gate: the replacement is followed by ``train()`` + the previous mode, as above.
-#: - "inference_mode_load": an adapter loaded under ``torch.inference_mode()`` holds inference tensors, and the next
-#:   forward raises "Inference tensors do not track version counter". Gate: nothing is loaded under inference mode.
-#: - "basis_store_dtype" (found by this machine): NOLA's stored basis ("shared", "per_layer_cached") is keyed by the
-#:   dtype it was made in but cast with the model, so (a) after ``.half()`` then ``.float()`` / ``.double()`` every
-#:   forward uses the float16-rounded basis under the float32 key (~2e-4 of the logits' scale off here, silently), and
-#:   (b) an adapter loaded into the float16 model (peft upcasts it to float32, new name or existing) finds that float16
-#:   tensor under the float32 key and its forward raises "expected m1 and m2 to have the same dtype". Gate: a NOLA
-#:   model with a stored basis, once cast to float16, is neither cast back nor loaded into.
 #: - "inference_layout_cache" (found by this machine): the index tensors of a mixed batch's layout are cached per
 #:   process (an lru_cache, see ``clear_layout_cache``); made under ``torch.inference_mode()`` they are inference
 #:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
@@ -89,8 +79,7 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   checkpoint (``coefficient_bits`` set) into an unquantized adapter raises ``KeyError: 'coefficient_bits'`` from
 #:   ``LowRankTuner._check_existing_adapter`` instead of the refusal naming the field (the other way round is refused
 #:   properly). Gate: loads of a quantized checkpoint into an existing unquantized adapter are not tried.
-KNOWN_BUGS = {"dtype_roundtrip", "param_replacement", "inference_mode_load", "basis_store_dtype",
-              "inference_layout_cache", "pinned_field_missing"}
+KNOWN_BUGS = {"dtype_roundtrip", "inference_layout_cache", "pinned_field_missing"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. Measured over the fast and slow profiles (printed as "worst_relative_error"): float64 <= 6e-16,
