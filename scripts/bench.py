@@ -229,6 +229,9 @@ def frozen_state_bytes(model) -> int:
     for name, buffer in model.named_buffers():
         if FROZEN_STATE.search(name):
             seen[buffer.data_ptr()] = buffer.numel() * buffer.element_size()
+    for module in model.modules():  # NOLA's basis store: a plain dict on the tuner, kept out of Module._apply
+        for tensor in (module.__dict__.get("nola_basis") or {}).values():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
 

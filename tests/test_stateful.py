@@ -70,16 +70,7 @@ from .conftest import tiny_gpt2, tiny_llama
 #:   of the old values (storage reused, version counter and dtype equal again). Gate: every cast is followed by
 #:   ``train()`` + the previous mode, which drops every cached factor. (Not reproduced here: it needs the allocator to
 #:   hand the freed storage back; the gate stays so that a reuse cannot make CI flaky.)
-#: - "inference_layout_cache" (found by this machine): the index tensors of a mixed batch's layout are cached per
-#:   process (an lru_cache, see ``clear_layout_cache``); made under ``torch.inference_mode()`` they are inference
-#:   tensors, and any later mixed batch with the same layout and gradients enabled, on any model, raises "Inference
-#:   tensors cannot be saved for backward". Gate: mixed batches run without gradients (a test elsewhere in the process
-#:   may have filled the cache under inference mode).
-#: - "pinned_field_missing" (found by this machine): ``load_adapter(dir, adapter_name=existing)`` of a quantized
-#:   checkpoint (``coefficient_bits`` set) into an unquantized adapter raises ``KeyError: 'coefficient_bits'`` from
-#:   ``LowRankTuner._check_existing_adapter`` instead of the refusal naming the field (the other way round is refused
-#:   properly). Gate: loads of a quantized checkpoint into an existing unquantized adapter are not tried.
-KNOWN_BUGS = {"dtype_roundtrip", "inference_layout_cache", "pinned_field_missing"}
+KNOWN_BUGS = {"dtype_roundtrip"}
 
 #: Largest allowed ``max |model output - reference output|`` as a fraction of ``max |reference output|``, by the
 #: model's dtype. Measured over the fast and slow profiles (printed as "worst_relative_error"): float64 <= 6e-16,

@@ -297,11 +297,11 @@ class AdapterLoadChecks:
         for name in ("layout_fingerprint", "basis_fingerprint"):
             if getattr(config, name, None) is not None and getattr(checked.config, name, None) is not None:
                 saved[name], ours[name] = getattr(checked.config, name), getattr(config, name)
-        for name in saved:
-            if saved[name] != ours[name]:
+        for name in [*saved, *(n for n in ours if n not in saved)]:  # a field on one side only (coefficient_bits)
+            if saved.get(name) != ours.get(name):
                 raise AdapterFileError(
-                    f"{source / CONFIG_NAME} has {name}={saved[name]!r}, but the adapter it is being loaded "
-                    f"into has {name}={ours[name]!r}: the checkpoint belongs to another adapter configuration. Resume "
+                    f"{source / CONFIG_NAME} has {name}={saved.get(name)!r}, but the adapter it is being loaded "
+                    f"into has {name}={ours.get(name)!r}: the checkpoint belongs to another adapter configuration. Resume "
                     f"with the configuration it was saved with, or load it as a new adapter "
                     f"(PeftModel.from_pretrained)."
                 )

@@ -38,6 +38,14 @@ class SampleLayout:
 
 @functools.lru_cache(maxsize=64)
 def sample_layout(adapter_names: tuple, group_names: tuple, device: torch.device) -> SampleLayout:
+    """The layout of the samples using an adapter of ``group_names``; see :func:`_sample_layout`. Cached for the
+    whole process, so its index tensors are made outside ``torch.inference_mode()`` even when first asked for inside
+    it: inference tensors could not be used by a later call that records gradients."""
+    with torch.inference_mode(False):
+        return _sample_layout(adapter_names, group_names, device)
+
+
+def _sample_layout(adapter_names: tuple, group_names: tuple, device: torch.device) -> SampleLayout:
     """The layout of the samples using an adapter of ``group_names`` (sample ``i`` uses ``adapter_names[i]``): as
     segments, one per adapter and all of one length (padded with a zero row ``n`` where that costs at most half
     again), gathered so that one ``bmm`` covers them (SGMV); else a per-sample adapter index (BGMV)."""
