@@ -118,3 +118,20 @@ def seeded(module_cls, seed: int = 0):
 @pytest.fixture
 def token_ids():
     return torch.randint(1, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], corrupt: str | None = None) -> Path:
+    """``root/{train,test}/<class>/<i>.png`` (datasets' imagefolder layout) with a few random PNGs made by PIL; with
+    ``corrupt`` (a path under ``train/``), one file that is not an image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls, n in per_class.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    if corrupt:
+        (root / "train" / corrupt).write_bytes(b"not an image")
+    return root

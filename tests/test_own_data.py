@@ -15,7 +15,7 @@ from recipes.cli import RecipeError
 from recipes.config import load_config
 from recipes.nlg_data import DataFileError, NLGExample, read_columns
 from recipes.paths import resolve_data_path
-from tests.conftest import REPO_ROOT, shared_data_dir
+from tests.conftest import REPO_ROOT, shared_data_dir, write_image_folder
 
 DATA = shared_data_dir()
 TOKENIZER_JSON = DATA / "gpt2_tokenizer" / "tokenizer.json"
@@ -257,19 +257,6 @@ def test_chat_data_without_a_chat_template_says_what_to_set():
 
 
 # ------------------------------------------------------------------------------------------- images: a folder each
-def write_image_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """``root/{train,test}/<class>/<i>.png`` (datasets' imagefolder layout) with a few random PNGs made by PIL."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls, n in per_class.items():
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
-    return root
-
-
 def test_vision_recipe_reads_an_image_folder_with_one_subfolder_per_class(tmp_path):
     from recipes.vision import VisionConfig, load_data
 

@@ -3,7 +3,6 @@ labels, the parameter formulas of each method, a brute-force nearest neighbour, 
 numpy's mean/std of the recorded runs)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ from recipes.vision_data import (
     random_resized_crop_box,
 )
 
-from .conftest import REPO_ROOT, shared_data_dir
+from .conftest import REPO_ROOT, shared_data_dir, write_image_folder
 
 CIFAR = shared_data_dir() / "cifar10"
 needs_cifar = pytest.mark.skipif(not (CIFAR / "cifar10_train_first100perclass.tar").is_file(),
@@ -216,17 +215,6 @@ def test_random_resized_crop_stays_inside_and_within_scale():
 
 
 # ------------------------------------------------------------------------------------------------- bad input
-def _write_folder(root: Path, per_class: dict[str, int], corrupt: str | None = None):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls, n in per_class.items():
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
-    if corrupt:
-        (root / "train" / corrupt).write_bytes(b"not an image")
 
 
 def _tiny_argv(data_dir, out, *extra):
@@ -236,17 +224,17 @@ def _tiny_argv(data_dir, out, *extra):
 
 
 def test_unreadable_image_is_named_before_training(tmp_path):
-    _write_folder(tmp_path / "data", {"a": 3, "b": 2}, corrupt="b/broken.jpg")  # 3-shot samples every b image
+    write_image_folder(tmp_path / "data", {"a": 3, "b": 2}, corrupt="b/broken.jpg")  # 3-shot samples every b image
     with pytest.raises(RecipeError, match=r"cannot read image 'train/b/broken.jpg'"):
         main(_tiny_argv(tmp_path / "data", tmp_path / "out", "--shots", "3"))
     assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_too_few_images_and_label_count_mismatch_are_clear_errors(tmp_path):
-    _write_folder(tmp_path / "data", {"a": 3, "b": 1})
+    write_image_folder(tmp_path / "data", {"a": 3, "b": 1})
     with pytest.raises(RecipeError, match="class 'b' has 1 images"):
         main(_tiny_argv(tmp_path / "data", tmp_path / "out"))
-    _write_folder(tmp_path / "data2", {"a": 3, "b": 3})
+    write_image_folder(tmp_path / "data2", {"a": 3, "b": 3})
     with pytest.raises(RecipeError, match="num_labels 5 but the dataset has 2 classes"):
         main(_tiny_argv(tmp_path / "data2", tmp_path / "out", "--model_config",
                         json.dumps(_tiny_vit_config(num_labels=5))))
@@ -354,7 +342,7 @@ def test_training_learns_a_separable_task_and_updates_the_adapter(tmp_path):
 
 
 def test_resume_reuses_finished_runs_only_under_the_same_settings(tmp_path):
-    _write_folder(tmp_path / "data", {"a": 3, "b": 3})
+    write_image_folder(tmp_path / "data", {"a": 3, "b": 3})
     argv = _tiny_argv(tmp_path / "data", tmp_path / "out", "--resume", "true")
     first = main(argv)
     record = next((tmp_path / "out" / "runs").rglob("test_*.json"))
